@@ -1,0 +1,64 @@
+"""The fedmm ClientApp: Flower message handling around `fedmm.client`.
+
+`app` reads its config from the run config (`flwr run`); `fedmm simulate` builds one with
+`make_client_app(config)` because Flower's simulation API passes no run config.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmm import client, protocol
+from fedmm.config import RunConfig, config_from_flat
+
+
+def _decode(message: Message) -> dict:
+    record = message.content[protocol.ARRAYS]
+    return {key: record[key].numpy() for key in record.keys()}
+
+
+def make_client_app(run: RunConfig | None = None) -> ClientApp:
+    app = ClientApp()
+    resolved: dict[str, RunConfig] = {}
+
+    def config(context: Context) -> RunConfig:
+        if run is not None:
+            return run
+        if "run" not in resolved:
+            resolved["run"] = config_from_flat(context.run_config)
+        return resolved["run"]
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        cfg = config(context)
+        me = client.identify(cfg, context.node_config)
+        record = ConfigRecord({protocol.PARTITION_ID: me.partition_id, protocol.PROFILE: me.profile,
+                               protocol.TASKS: ",".join(me.tasks)})
+        return Message(RecordDict({protocol.PROFILE: record}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        cfg = config(context)
+        me = client.identify(cfg, context.node_config)
+        server_round = int(message.content[protocol.CONFIG][protocol.SERVER_ROUND])
+        arrays, num_examples, counts, metrics = client.train(cfg, me, _decode(message), server_round)
+        content = protocol.train_reply_content(arrays, num_examples, counts, metrics)
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        cfg = config(context)
+        me = client.identify(cfg, context.node_config)
+        scores = client.evaluate_model(cfg, me, _decode(message))
+        metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in scores.values())})
+        for task, score in scores.items():
+            metrics[f"{protocol.CORRECT_PREFIX}{task}"] = score.correct
+            metrics[f"{protocol.COUNT_PREFIX}{task}"] = score.count
+            metrics[f"{protocol.LOSS_SUM_PREFIX}{task}"] = score.loss_sum
+        return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,91 @@
+"""Per-component weighted averaging over the clients that hold each component.
+
+For each component the holders' tensors are copied once into an (N, P) float32 matrix and averaged
+with one matrix-vector product. Non-finite inputs surface as non-finite means (weights are positive),
+so the exact per-client finiteness check runs only when something is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmm.components import group_by_component
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Where each parameter of a component sits in its flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+
+def component_layouts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ComponentLayout]:
+    layouts = {}
+    for component, names in group_by_component(sorted(shapes)).items():
+        sizes = [int(np.prod(shapes[n], dtype=np.int64)) for n in names]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        layouts[component] = ComponentLayout(
+            tuple(names), tuple(tuple(shapes[n]) for n in names), tuple(int(o) for o in offsets), int(sum(sizes))
+        )
+    return layouts
+
+
+def stack_component(layout: ComponentLayout, client_arrays: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(N, P) float32 matrix: row i is client i's tensors of this component, flattened in layout order."""
+    stacked = np.empty((len(client_arrays), layout.size), dtype=np.float32)
+    for row, arrays in zip(stacked, client_arrays):
+        for name, offset in zip(layout.names, layout.offsets):
+            flat = arrays[name].reshape(-1)
+            row[offset : offset + flat.size] = flat
+    return stacked
+
+
+def weighted_mean(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of the rows of `stacked`; weights need not be normalised."""
+    w = np.asarray(weights, dtype=np.float64)
+    return (w / w.sum()).astype(np.float32) @ stacked
+
+
+def unflatten(layout: ComponentLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        name: flat[offset : offset + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets)
+    }
+
+
+def nonfinite_rows(stacked: np.ndarray) -> np.ndarray:
+    """Indices of rows with a NaN or Inf (slow path, run only when a mean came out non-finite)."""
+    return np.flatnonzero(~np.isfinite(stacked).all(axis=1))
+
+
+@dataclass
+class ComponentInputs:
+    """Holders of one component: their arrays and weights (e.g. examples that trained it)."""
+
+    client_ids: list[int]
+    arrays: list[Mapping[str, np.ndarray]]
+    weights: list[float]
+
+
+def aggregate_component(layout: ComponentLayout, inputs: ComponentInputs) -> tuple[dict[str, np.ndarray], list[int]]:
+    """New tensors of one component, and the ids of holders dropped for non-finite values."""
+    stacked = stack_component(layout, inputs.arrays)
+    weights = np.asarray(inputs.weights, dtype=np.float64)
+    mean = weighted_mean(stacked, weights)
+    dropped: list[int] = []
+    if not np.isfinite(mean).all():
+        bad = nonfinite_rows(stacked)
+        dropped = [inputs.client_ids[i] for i in bad]
+        keep = np.setdiff1d(np.arange(len(weights)), bad)
+        if keep.size == 0:
+            return {}, dropped
+        # With normalised weights each partial sum is bounded by the largest |value|, so finite
+        # inputs cannot overflow: the mean of the remaining rows is finite.
+        mean = weighted_mean(stacked[keep], weights[keep])
+    return unflatten(layout, mean), dropped

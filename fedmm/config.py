@@ -1,0 +1,321 @@
+"""The run configuration: one structured OmegaConf schema with its defaults in code.
+
+Every entry point (``fedmm simulate``, ``flwr run .``, tests, benchmarks) builds its config through
+:func:`load_config` or :func:`config_from_flat`, so unknown keys and bad values stop a run before any
+work, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or holds a bad value."""
+
+
+DEFAULT_PROFILES: dict[str, list[str]] = {
+    "image": ["img_shape"],
+    "text": ["txt_color"],
+    "multimodal": ["vqa", "img_shape", "txt_color"],
+}
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face model id or local path; empty builds a small encoder from the sizes below.
+    image_encoder: str = ""
+    text_encoder: str = ""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    image_size: int = 32
+    patch_size: int = 8
+    max_text_length: int = 16
+    fusion_dim: int = 32
+    fusion_layers: int = 1
+    fusion_heads: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # Names of attention projections to adapt; ViT in transformers 5 calls them q_proj/v_proj, BERT query/value.
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | hf
+    # Synthetic data: examples generated per task, shared out among the clients holding it.
+    examples_per_task: int = 1800
+    partitioner: str = "dirichlet"  # iid | dirichlet
+    dirichlet_alpha: float = 1.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    # Hugging Face dataset (source=hf): name or local path, split, and the column mapping.
+    hf_name: str = ""
+    hf_split: str = "train"
+    hf_task: str = "hf_task"
+    hf_image_column: str = ""
+    hf_text_column: str = ""
+    hf_label_column: str = "label"
+    hf_num_classes: int = 0
+
+
+@dataclass
+class ClientsConfig:
+    num: int = 12
+    # Profile name -> tasks. Empty means DEFAULT_PROFILES. Client i gets profile i mod #profiles.
+    profiles: dict[str, list[str]] = field(default_factory=dict)
+    # Ray resources per simulated client.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 30  # optimizer steps per round; 0 means use local_epochs
+    local_epochs: float = 0.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"  # constant | cosine
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | fp32 | bf16
+
+
+@dataclass
+class StrategyConfig:
+    # "fedmm" (per-component aggregation) or an import path of a Flower strategy class,
+    # e.g. flwr.serverapp.strategy.FedAdam (needs every client to hold the same components).
+    name: str = "fedmm"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    reply_timeout: float = 0.0  # seconds to wait for replies; 0 waits for all
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    rounds: int = 8
+    out: str = ""  # results folder; required by `fedmm simulate --out`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "hf"),
+    "data.partitioner": ("iid", "dirichlet"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(RunConfig)
+
+
+def _is_list_key(key: str) -> bool:
+    if key.startswith("clients.profiles."):
+        return True
+    node = OmegaConf.select(_schema(), key, default=None)
+    return isinstance(node, ListConfig)
+
+
+def _parse_value(key: str, raw: Any) -> Any:
+    """Parse one override value; list-typed keys accept `a,b,c` so flat run-configs can set them."""
+    value = yaml.safe_load(raw) if isinstance(raw, str) and raw.strip() else raw
+    if _is_list_key(key) and not isinstance(value, list):
+        text = "" if value is None else str(raw if isinstance(raw, str) else value)
+        value = [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad config key {key!r}")
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {key!r} conflicts with {part!r} set as a value")
+            node = child
+        node[parts[-1]] = _parse_value(key, value)
+    return nested
+
+
+def _merge(base: DictConfig, update: Mapping[str, Any]) -> DictConfig:
+    update = dict(update)
+    profiles = update.get("clients", {}).get("profiles") if isinstance(update.get("clients"), dict) else None
+    if profiles is not None:
+        # A user's profile set replaces the current one instead of adding to it.
+        base.clients.profiles = {}
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        reason = str(err).split("\n")[0]
+        if "not in" in reason or "Key '" in reason and "not" in reason:
+            raise ConfigError(f"unknown config key {key!r}") from None
+        raise ConfigError(f"bad value for config key {key!r}: {reason}") from None
+
+
+def _resolve(cfg: DictConfig) -> RunConfig:
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if not run.clients.profiles:
+        run.clients.profiles = {name: list(tasks) for name, tasks in DEFAULT_PROFILES.items()}
+    validate(run)
+    return run
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then a YAML file, then `key=value` overrides; validated."""
+    cfg = _schema()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+        cfg = _merge(cfg, _nest(_flatten(loaded)))
+    flat: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        flat[key.strip()] = value
+    if flat:
+        cfg = _merge(cfg, _nest(flat))
+    return _resolve(cfg)
+
+
+def config_from_flat(flat: Mapping[str, Any]) -> RunConfig:
+    """Build a config from flat dotted keys, as Flower's `context.run_config` holds them."""
+    return _resolve(_merge(_schema(), _nest(flat)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_flat(cfg: RunConfig) -> dict[str, bool | int | float | str]:
+    """Flat, scalar-valued form (lists joined by commas) for Flower run-configs and records."""
+    flat = _flatten(to_dict(cfg))
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
+
+
+def validate(run: RunConfig) -> None:
+    """Semantic checks the schema's types cannot express."""
+    flat = _flatten(to_dict(run))
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {flat[key]!r}")
+    device = run.train.device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    _positive("rounds", run.rounds)
+    _positive("clients.num", run.clients.num)
+    _positive("clients.num_cpus", run.clients.num_cpus)
+    _positive("clients.num_gpus", run.clients.num_gpus, allow_zero=True)
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
+                "patch_size", "max_text_length", "fusion_dim", "fusion_layers", "fusion_heads",
+                "lora_r", "lora_alpha"):
+        _positive(f"model.{key}", getattr(run.model, key))
+    if not 0 <= run.model.lora_dropout < 1:
+        raise ConfigError(f"config key 'model.lora_dropout' must be in [0, 1), got {run.model.lora_dropout}")
+    if run.model.fusion_dim % run.model.fusion_heads:
+        raise ConfigError("config key 'model.fusion_dim' must be divisible by 'model.fusion_heads'")
+    if run.model.hidden_size % run.model.num_heads:
+        raise ConfigError("config key 'model.hidden_size' must be divisible by 'model.num_heads'")
+    if run.model.image_size % run.model.patch_size:
+        raise ConfigError("config key 'model.image_size' must be divisible by 'model.patch_size'")
+    if not run.model.lora_target_modules:
+        raise ConfigError("config key 'model.lora_target_modules' must name at least one module")
+    _positive("data.examples_per_task", run.data.examples_per_task)
+    _positive("data.dirichlet_alpha", run.data.dirichlet_alpha)
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(run.data, key)
+        if not 0 < value < 1:
+            raise ConfigError(f"config key 'data.{key}' must be in (0, 1), got {value}")
+    if run.data.val_fraction + run.data.test_fraction >= 0.9:
+        raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' leave too little training data")
+    if run.data.source == "hf":
+        if not run.data.hf_name:
+            raise ConfigError("config key 'data.hf_name' is required when data.source=hf")
+        if run.data.hf_num_classes < 2:
+            raise ConfigError("config key 'data.hf_num_classes' must be >= 2 when data.source=hf")
+        if not (run.data.hf_image_column or run.data.hf_text_column):
+            raise ConfigError("set 'data.hf_image_column' or 'data.hf_text_column' when data.source=hf")
+    if run.train.local_steps < 0 or run.train.local_epochs < 0:
+        raise ConfigError("config keys 'train.local_steps' and 'train.local_epochs' must be >= 0")
+    if (run.train.local_steps > 0) == (run.train.local_epochs > 0):
+        raise ConfigError("set exactly one of 'train.local_steps' and 'train.local_epochs' above 0")
+    _positive("train.batch_size", run.train.batch_size)
+    _positive("train.lr", run.train.lr)
+    _positive("train.weight_decay", run.train.weight_decay, allow_zero=True)
+    _positive("train.grad_clip", run.train.grad_clip, allow_zero=True)
+    if not 0 <= run.train.min_lr_fraction <= 1:
+        raise ConfigError("config key 'train.min_lr_fraction' must be in [0, 1]")
+    _fraction("strategy.fraction_train", run.strategy.fraction_train)
+    _fraction("strategy.fraction_evaluate", run.strategy.fraction_evaluate)
+    _positive("strategy.min_train_nodes", run.strategy.min_train_nodes)
+    _positive("strategy.reply_timeout", run.strategy.reply_timeout, allow_zero=True)
+    if not run.strategy.name:
+        raise ConfigError("config key 'strategy.name' must not be empty")
+    # Task names are checked against the data source in fedmm.tasks (it knows which exist).
+    from fedmm.tasks import task_specs
+
+    known = task_specs(run)
+    for profile, tasks in run.clients.profiles.items():
+        if not tasks:
+            raise ConfigError(f"config key 'clients.profiles.{profile}' lists no task")
+        for task in tasks:
+            if task not in known:
+                raise ConfigError(
+                    f"config key 'clients.profiles.{profile}' names unknown task {task!r}; "
+                    f"known: {sorted(known)}"
+                )

@@ -1,0 +1,120 @@
+"""Per-modality Hugging Face encoders, their inputs (tokenizer, pixel preprocessing) and LoRA wiring.
+
+An encoder is loaded by name or local path with `from_pretrained`, or built from a small config when
+no weights are named (the default and the tests). Built encoders are seeded so the server and every
+client construct the same frozen base.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, ViTConfig, ViTModel
+
+from fedmm.config import ModelConfig
+
+HASH_VOCAB_SIZE = 8192
+_PAD, _CLS, _UNK = 0, 1, 2
+
+
+class HashingTokenizer:
+    """Word-level tokenizer for encoders built from a config: a word's id is a stable hash.
+
+    It needs no vocabulary file, so any dataset's text works with a small from-config encoder.
+    """
+
+    vocab_size = HASH_VOCAB_SIZE
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+
+    def token_id(self, word: str) -> int:
+        return 3 + zlib.crc32(word.encode()) % (self.vocab_size - 3)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = torch.full((len(texts), self.max_length), _PAD, dtype=torch.long)
+        mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [_CLS] + [self.token_id(w) for w in text.lower().split()]
+            tokens = tokens[: self.max_length]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class PretrainedTokenizer:
+    """A Hugging Face tokenizer with fedmm's call signature."""
+
+    def __init__(self, name: str, max_length: int) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.max_length = max_length
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def build_tokenizer(cfg: ModelConfig) -> HashingTokenizer | PretrainedTokenizer:
+    if cfg.text_encoder:
+        return PretrainedTokenizer(cfg.text_encoder, cfg.max_text_length)
+    return HashingTokenizer(cfg.max_text_length)
+
+
+def _small_config(modality: str, cfg: ModelConfig) -> ViTConfig | BertConfig:
+    common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
+    if modality == "image":
+        return ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, **common)
+    return BertConfig(vocab_size=HASH_VOCAB_SIZE, max_position_embeddings=cfg.max_text_length,
+                      pad_token_id=_PAD, **common)
+
+
+def load_base_encoder(modality: str, cfg: ModelConfig, seed: int) -> PreTrainedModel:
+    """The frozen base encoder for `modality`: pretrained weights if named, else a seeded small one."""
+    name = cfg.image_encoder if modality == "image" else cfg.text_encoder
+    if name:
+        try:
+            model = AutoModel.from_pretrained(name)
+        except OSError as err:
+            key = "model.image_encoder" if modality == "image" else "model.text_encoder"
+            raise OSError(f"could not load {key}={name!r}: {err}") from err
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(zlib.crc32(f"{seed}:{modality}".encode()))
+            config = _small_config(modality, cfg)
+            model = ViTModel(config, add_pooling_layer=False) if modality == "image" else BertModel(
+                config, add_pooling_layer=False
+            )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def add_lora(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Inject LoRA adapters (peft) into the frozen backbone; only the adapters train."""
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_target_modules))
+    try:
+        backbone = inject_adapter_in_model(config, backbone)
+    except ValueError as err:
+        raise ValueError(f"config key 'model.lora_target_modules'={list(cfg.lora_target_modules)} "
+                         f"matches no module of {type(backbone).__name__}: {err}") from err
+    for name, param in backbone.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return backbone
+
+
+def image_size_of(backbone: nn.Module, default: int) -> int:
+    return int(getattr(getattr(backbone, "config", None), "image_size", default) or default)
+
+
+def pixel_values(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size), mean 0.5 / std 0.5 as ViT expects."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.5

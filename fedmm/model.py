@@ -1,0 +1,201 @@
+"""The multi-modal, multi-task model: LoRA-adapted encoders, a fusion block and one head per task.
+
+Parameter names follow `fedmm.components`: `encoders.<modality>.…`, `fusion.…`, `heads.<task>.…`.
+A process keeps one :class:`ModuleBank` per run config, so the base encoders load once and every
+virtual client served by the process reuses them; a client's model is a view over the modules of its
+own modalities and tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmm.components import component_of, components_for_tasks
+from fedmm.config import RunConfig
+from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder, pixel_values
+from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
+
+
+class ModalityEncoder(nn.Module):
+    """A frozen backbone with LoRA adapters and a trainable projection into the fusion width."""
+
+    def __init__(self, modality: str, backbone: nn.Module, fusion_dim: int) -> None:
+        super().__init__()
+        self.modality = modality
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.config.hidden_size, fusion_dim)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.modality == "image":
+            hidden = self.backbone(pixel_values=inputs["pixel_values"]).last_hidden_state
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        else:
+            hidden = self.backbone(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).last_hidden_state
+            mask = inputs["attention_mask"].bool()
+        return self.proj(hidden), mask
+
+
+class FusionBlock(nn.Module):
+    """Transformer layers over the concatenated tokens of the modalities a task reads."""
+
+    def __init__(self, dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.modality_embedding = nn.Embedding(len(MODALITIES), dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, parts: list[tuple[str, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        tokens = torch.cat(
+            [t + self.modality_embedding.weight[MODALITIES.index(m)] for m, t, _ in parts], dim=1
+        )
+        mask = torch.cat([k for _, _, k in parts], dim=1)
+        hidden = self.norm(self.layers(tokens, src_key_padding_mask=~mask))
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class MultiModalModel(nn.Module):
+    def __init__(self, encoders: dict[str, ModalityEncoder], fusion: FusionBlock,
+                 heads: dict[str, nn.Linear], specs: dict[str, TaskSpec]) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.heads = nn.ModuleDict(heads)
+        self.specs = specs
+
+    def forward(self, task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [(m, *self.encoders[m](inputs)) for m in self.specs[task].modalities]
+        return self.heads[task](self.fusion(parts))
+
+
+def _seeded(seed: int, name: str):
+    torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+
+
+class ModuleBank:
+    """Every module a process may need, each built on first use and kept for the process's life."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.specs = task_specs(run)
+        self._encoders: dict[str, ModalityEncoder] = {}
+        self._heads: dict[str, nn.Linear] = {}
+        self._fusion: FusionBlock | None = None
+        self._tokenizer = None
+
+    def encoder(self, modality: str) -> ModalityEncoder:
+        if modality not in self._encoders:
+            m = self.run.model
+            backbone = load_base_encoder(modality, m, self.run.seed)
+            with torch.random.fork_rng():
+                _seeded(self.run.seed, f"lora:{modality}")
+                backbone = add_lora(backbone, m)
+                self._encoders[modality] = ModalityEncoder(modality, backbone, m.fusion_dim)
+        return self._encoders[modality]
+
+    def fusion(self) -> FusionBlock:
+        if self._fusion is None:
+            m = self.run.model
+            with torch.random.fork_rng():
+                _seeded(self.run.seed, "fusion")
+                self._fusion = FusionBlock(m.fusion_dim, m.fusion_layers, m.fusion_heads)
+        return self._fusion
+
+    def head(self, task: str) -> nn.Linear:
+        if task not in self._heads:
+            with torch.random.fork_rng():
+                _seeded(self.run.seed, f"head:{task}")
+                self._heads[task] = nn.Linear(self.run.model.fusion_dim, self.specs[task].num_classes)
+        return self._heads[task]
+
+    def model(self, tasks: list[str] | tuple[str, ...]) -> MultiModalModel:
+        encoders = {m: self.encoder(m) for m in profile_modalities(tasks, self.specs)}
+        return MultiModalModel(encoders, self.fusion(), {t: self.head(t) for t in tasks}, self.specs)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.run.model)
+        return self._tokenizer
+
+    def image_size(self) -> int:
+        return image_size_of(self.encoder("image").backbone, self.run.model.image_size)
+
+
+_BANKS: dict[str, ModuleBank] = {}
+
+
+def module_bank(run: RunConfig) -> ModuleBank:
+    """The process-wide bank for this run's model and data config (built once, reused per message)."""
+    key = json.dumps([asdict(run.model), asdict(run.data), run.seed], sort_keys=True)
+    if key not in _BANKS:
+        _BANKS[key] = ModuleBank(run)
+    return _BANKS[key]
+
+
+def all_tasks_model(run: RunConfig) -> MultiModalModel:
+    """The server's view: every modality and task."""
+    return module_bank(run).model(sorted(task_specs(run)))
+
+
+# --- trainable state --------------------------------------------------------------------------
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module, components: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Trainable tensors (of `components`, or all) as float32 numpy arrays, keyed by parameter name."""
+    wanted = None if components is None else set(components)
+    return {
+        name: p.detach().to("cpu", torch.float32).numpy().copy()
+        for name, p in model.named_parameters()
+        if p.requires_grad and (wanted is None or component_of(name) in wanted)
+    }
+
+
+class StateKeyError(KeyError):
+    """Received or stored tensors do not match the model's expected keys or shapes."""
+
+
+def load_trainable(model: nn.Module, arrays: dict[str, np.ndarray], components: list[str]) -> None:
+    """Load exactly the trainable tensors of `components`: any missing or unexpected key is an error."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad and component_of(n) in set(components)}
+    missing, unexpected = sorted(expected - arrays.keys()), sorted(arrays.keys() - expected)
+    if missing or unexpected:
+        raise StateKeyError(
+            f"state does not match components {components}: missing {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for name in expected:
+            value = arrays[name]
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise StateKeyError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+            params[name].copy_(torch.from_numpy(np.asarray(value)))
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (frozen ones too)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def client_components(tasks: list[str], run: RunConfig) -> list[str]:
+    return components_for_tasks(tasks, task_specs(run))
+
+
+__all__ = [
+    "MultiModalModel", "ModuleBank", "module_bank", "all_tasks_model", "trainable_state",
+    "load_trainable", "StateKeyError", "parameter_bytes", "client_components", "pixel_values",
+]

@@ -1,0 +1,156 @@
+"""What travels in Flower messages: record keys, array encoding, and validation of every reply.
+
+The server decodes client arrays without `np.load`: it checks each `.npy` header against the shape
+and dtype it expects for that key and takes a zero-copy view of the payload. Nothing is unpickled or
+evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+# Record keys (Flower's defaults where Flower has one, so Flower strategies read our replies).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PROFILE = "profile"
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+PARTITION_ID = "partition-id"
+TASKS = "tasks"
+EXAMPLES_PREFIX = "examples."  # examples.<component>: examples that trained that component
+TRAIN_LOSS_PREFIX = "train-loss."  # train-loss.<task>
+CORRECT_PREFIX = "correct."  # correct.<task>, count.<task>, loss-sum.<task> in evaluate replies
+COUNT_PREFIX = "count."
+LOSS_SUM_PREFIX = "loss-sum."
+
+DTYPE = np.dtype("<f4")
+_NPY_MAGIC = b"\x93NUMPY"
+_HEADER = re.compile(
+    r"^\{'descr': '(?P<descr>[^']+)', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>[0-9, ]*)\), \}\s*$"
+)
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, Array]:
+    """Encode once; the same `Array` objects can go into many per-node records."""
+    return {k: Array(np.ascontiguousarray(v, dtype=DTYPE)) for k, v in arrays.items()}
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(encode_arrays(arrays))
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be used; `kind` is a short label for counting."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def decode_array(array: Array, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero-copy float32 view of a serialized array, after checking it is exactly what `key` needs."""
+    if array.stype != "numpy.ndarray":
+        raise ReplyError("bad-encoding", f"{key}: serialization {array.stype!r}")
+    if array.dtype != "float32":
+        raise ReplyError("bad-dtype", f"{key}: dtype {array.dtype!r}, expected float32")
+    if tuple(array.shape) != shape:
+        raise ReplyError("bad-shape", f"{key}: shape {tuple(array.shape)}, expected {shape}")
+    data = array.data
+    if data[:6] != _NPY_MAGIC or len(data) < 12:
+        raise ReplyError("bad-encoding", f"{key}: not an .npy buffer")
+    major = data[6]
+    if major == 1:
+        header_len, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        header_len, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise ReplyError("bad-encoding", f"{key}: .npy version {major}")
+    header = bytes(data[start : start + header_len]).decode("latin1")
+    match = _HEADER.match(header)
+    if match is None:
+        raise ReplyError("bad-encoding", f"{key}: malformed .npy header")
+    header_shape = tuple(int(s) for s in match["shape"].replace(" ", "").split(",") if s)
+    if match["descr"] != DTYPE.str or match["fortran"] != "False" or header_shape != shape:
+        raise ReplyError("bad-encoding", f"{key}: header {match['descr']} {header_shape} disagrees with metadata")
+    offset = start + header_len
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * DTYPE.itemsize:
+        raise ReplyError("bad-encoding", f"{key}: {len(data) - offset} payload bytes for shape {shape}")
+    return np.frombuffer(data, dtype=DTYPE, count=count, offset=offset).reshape(shape)
+
+
+@dataclass
+class ClientUpdate:
+    """One validated training reply."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    component_weights: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value <= 0:
+        raise ReplyError("bad-count", f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _single(records: Mapping, kind: str, key: str):
+    if set(records) != {key}:
+        raise ReplyError("bad-structure", f"expected one {kind} named {key!r}, got {sorted(records)}")
+    return records[key]
+
+
+def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...]],
+                         components: list[str]) -> ClientUpdate:
+    """Check a training reply against the arrays the node was sent; raise ReplyError if unusable.
+
+    `expected` maps each key the node holds to its shape. Finiteness is checked during aggregation,
+    where it costs nothing extra on the common path (see fedmm.aggregation).
+    """
+    if message.has_error():
+        raise ReplyError("client-error", message.error.reason)
+    content: RecordDict = message.content
+    record: ArrayRecord = _single(content.array_records, "ArrayRecord", ARRAYS)
+    metrics: MetricRecord = _single(content.metric_records, "MetricRecord", METRICS)
+    if content.config_records:
+        raise ReplyError("bad-structure", f"unexpected ConfigRecords {sorted(content.config_records)}")
+    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES)
+    keys = set(record.keys())
+    unexpected = sorted(keys - expected.keys())
+    if unexpected:
+        raise ReplyError("unexpected-key", f"{unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
+    missing = sorted(expected.keys() - keys)
+    if missing:
+        raise ReplyError("missing-key", f"{missing[:3]}{' …' if len(missing) > 3 else ''}")
+    arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
+    weights = {}
+    for component in components:
+        count_key = f"{EXAMPLES_PREFIX}{component}"
+        if count_key not in metrics:
+            raise ReplyError("bad-count", f"missing {count_key!r}")
+        weights[component] = float(_positive_int(metrics[count_key], count_key))
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
+
+
+def train_reply_content(arrays: Mapping[str, np.ndarray], num_examples: int,
+                        component_examples: Mapping[str, int], metrics: Mapping[str, float]) -> RecordDict:
+    record = MetricRecord({NUM_EXAMPLES: int(num_examples)})
+    for component, count in component_examples.items():
+        record[f"{EXAMPLES_PREFIX}{component}"] = int(count)
+    for key, value in metrics.items():
+        record[key] = float(value)
+    return RecordDict({ARRAYS: to_array_record(arrays), METRICS: record})
+
+
+def config_record(values: Mapping[str, bool | int | float | str]) -> ConfigRecord:
+    return ConfigRecord(dict(values))

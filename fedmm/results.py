@@ -1,0 +1,128 @@
+"""The results folder of a run: config, per-round metrics, checkpoints, plots, summary, terminal view."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from safetensors.numpy import load_file, save_file
+
+from fedmm.config import RunConfig, to_dict, to_yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "accuracy.png"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_path(out: Path, server_round: int) -> Path:
+    return out / CHECKPOINTS / f"round-{server_round:04d}.safetensors"
+
+
+def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+
+
+def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+class RunResults:
+    def __init__(self, out: str | Path, run: RunConfig) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / CONFIG_FILE).write_text(to_yaml(run))
+        (self.out / METRICS_FILE).write_text("")
+        self.history: list[dict[str, Any]] = []
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def checkpoint(self, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        save_checkpoint(checkpoint_path(self.out, server_round), arrays)
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tasks = sorted({k.split(".")[1] for r in self.history for k in r if k.startswith("global.")})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for task in tasks:
+            key = f"global.{task}.accuracy"
+            points = [(r["round"], r[key]) for r in self.history if key in r]
+            ax.plot(*zip(*points), marker="o", label=task)
+        ax.set_xlabel("round")
+        ax.set_ylabel("global test accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.out / PLOT_FILE
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.out / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=_jsonable))
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: list[int],
+                 full_model_bytes: int, trainable_bytes: int) -> dict[str, Any]:
+    first, last = history[0], history[-1]
+    summary: dict[str, Any] = {
+        "rounds": run.rounds,
+        "clients": run.clients.num,
+        "config": to_dict(run),
+        "bytes.full_model": full_model_bytes,
+        "bytes.trainable_global": trainable_bytes,
+        "bytes.uplink_per_client_round_mean": float(np.mean(uplink_bytes)) if uplink_bytes else 0.0,
+        "bytes.uplink_client_rounds": len(uplink_bytes),
+    }
+    summary["bytes.uplink_fraction_of_full_model"] = summary["bytes.uplink_per_client_round_mean"] / full_model_bytes
+    for stage, record in (("initial", first), ("final", last)):
+        for key, value in record.items():
+            if key.startswith("global.") and isinstance(value, float) and not math.isnan(value):
+                summary[f"{stage}.{key}"] = value
+    summary["clients_rejected_total"] = int(sum(r.get("train.clients-rejected", 0) for r in history))
+    return summary
+
+
+def print_table(summary: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="global test accuracy")
+    table.add_column("task")
+    table.add_column("initial", justify="right")
+    table.add_column("final", justify="right")
+    table.add_column("gain", justify="right")
+    tasks = sorted({k.split(".")[2] for k in summary if k.startswith("final.global.") and k.endswith(".accuracy")})
+    for task in tasks:
+        a = summary.get(f"initial.global.{task}.accuracy", float("nan"))
+        b = summary[f"final.global.{task}.accuracy"]
+        table.add_row(task, f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}")
+    console.print(table)
+    console.print(
+        f"uplink per client-round: {summary['bytes.uplink_per_client_round_mean'] / 1e3:.1f} kB "
+        f"({100 * summary['bytes.uplink_fraction_of_full_model']:.2f}% of the full model, "
+        f"{summary['bytes.full_model'] / 1e6:.2f} MB)"
+    )

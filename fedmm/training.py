@@ -1,0 +1,151 @@
+"""Local training and evaluation of a client's model on its own tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmm.config import TrainConfig
+from fedmm.encoders import pixel_values
+from fedmm.model import MultiModalModel
+
+
+@dataclass
+class TaskTensors:
+    """One split of one task, encoded once: model inputs and labels."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {k: v[index].to(device) for k, v in self.inputs.items()}, self.labels[index].to(device)
+
+
+def encode_split(ds, modalities: tuple[str, ...], tokenizer, image_size: int) -> TaskTensors:
+    """Turn a `datasets.Dataset` split into model-ready tensors (pixels normalised, text tokenised)."""
+    ds = ds.with_format("numpy")
+    inputs: dict[str, torch.Tensor] = {}
+    if "image" in modalities:
+        inputs["pixel_values"] = pixel_values(torch.from_numpy(np.asarray(ds["image"])), image_size)
+    if "text" in modalities:
+        inputs.update(tokenizer([str(t) for t in ds["text"]]))
+    return TaskTensors(inputs, torch.from_numpy(np.asarray(ds["label"], dtype=np.int64)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU that supports it (precision auto) or when asked; fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(server_round: int, total_rounds: int, cfg: TrainConfig) -> float:
+    """Learning rate for a server round: constant, or cosine from lr down to lr * min_lr_fraction."""
+    if cfg.lr_schedule == "constant" or total_rounds <= 1:
+        return cfg.lr
+    progress = min(max(server_round - 1, 0) / (total_rounds - 1), 1.0)
+    floor = cfg.lr * cfg.min_lr_fraction
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: dict[str, int] = field(default_factory=dict)  # per task
+    loss: dict[str, float] = field(default_factory=dict)  # mean training loss per task
+
+
+def _schedule(sizes: dict[str, int], cfg: TrainConfig, generator: torch.Generator) -> list[str]:
+    """Which task each optimizer step trains: tasks drawn in proportion to their training data."""
+    total = sum(sizes.values())
+    steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * total / cfg.batch_size))
+    tasks = list(sizes)
+    probs = torch.tensor([sizes[t] / total for t in tasks])
+    draws = torch.multinomial(probs, steps, replacement=True, generator=generator)
+    return [tasks[i] for i in draws.tolist()]
+
+
+def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: TrainConfig, lr: float,
+                seed: int, device: torch.device) -> TrainResult:
+    """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed."""
+    sizes = {t: len(d) for t, d in data.items() if len(d) > 0}
+    if not sizes:
+        raise ValueError("client has no training examples for any of its tasks")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    orders = {t: torch.randperm(n, generator=generator) for t, n in sizes.items()}
+    cursors = dict.fromkeys(sizes, 0)
+    result = TrainResult(steps=0, examples=dict.fromkeys(sizes, 0))
+    loss_sums = dict.fromkeys(sizes, 0.0)
+    loss_counts = dict.fromkeys(sizes, 0)
+    for task in _schedule(sizes, cfg, generator):
+        n, start = sizes[task], cursors[task]
+        if start + min(cfg.batch_size, n) > n:  # full batches only: reshuffle instead of a short tail
+            orders[task], start = torch.randperm(n, generator=generator), 0
+        index = orders[task][start : start + cfg.batch_size]
+        cursors[task] = start + len(index)
+        inputs, labels = data[task].batch(index, device)
+        with autocast_for(device, cfg.precision):
+            logits = model(task, inputs)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        result.steps += 1
+        result.examples[task] += len(index)
+        loss_sums[task] += float(loss.detach()) * len(index)
+        loss_counts[task] += len(index)
+    result.loss = {t: loss_sums[t] / loss_counts[t] for t in sizes if loss_counts[t]}
+    model.eval()
+    return result
+
+
+@dataclass
+class TaskScore:
+    correct: int
+    count: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: MultiModalModel, data: dict[str, TaskTensors], batch_size: int, device: torch.device,
+             precision: str = "auto") -> dict[str, TaskScore]:
+    model.to(device).eval()
+    scores: dict[str, TaskScore] = {}
+    for task, split in data.items():
+        correct, loss_sum = 0, 0.0
+        for start in range(0, len(split), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(split)))
+            inputs, labels = split.batch(index, device)
+            with autocast_for(device, precision):
+                logits = model(task, inputs).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        scores[task] = TaskScore(correct, len(split), loss_sum)
+    return scores

@@ -1,0 +1,163 @@
+"""ComponentFedAvg: FedAvg per component, over the clients that hold each component.
+
+Clients hold different modalities and tasks, so each receives and returns only its own components.
+Every reply is validated; a bad one is dropped with its reason logged and counted, and the round
+goes on with the rest.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmm import protocol
+from fedmm.components import component_of
+from fedmm.aggregation import ComponentInputs, aggregate_component, component_layouts
+from fedmm.protocol import ClientUpdate, ReplyError
+from strategies.evaluation import task_scores
+from strategies.nodes import NodeRegistry, array_shapes, node_messages
+
+
+@dataclass
+class AggregateResult:
+    arrays: dict[str, np.ndarray]  # new tensors of every component that had a holder
+    accepted: list[ClientUpdate]
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (node id, kind, detail)
+
+
+def validate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
+                     shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[ClientUpdate], list[tuple[int, str, str]]]:
+    by_component: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        by_component.setdefault(component_of(key), {})[key] = shape
+    accepted, rejected = [], []
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        try:
+            if node_id not in node_components:
+                raise ReplyError("unknown-node", f"node {node_id} was not sent this round")
+            components = list(node_components[node_id])
+            expected = {k: s for c in components for k, s in by_component.get(c, {}).items()}
+            accepted.append(protocol.validate_train_reply(reply, expected, components))
+        except ReplyError as err:
+            rejected.append((node_id, err.kind, str(err)))
+    return accepted, rejected
+
+
+def aggregate_updates(updates: list[ClientUpdate], shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+    """Weighted mean of each component over its holders; drops clients with non-finite tensors."""
+    layouts = component_layouts(shapes)
+    rejected: list[tuple[int, str, str]] = []
+    while True:
+        out: dict[str, np.ndarray] = {}
+        dropped: set[int] = set()
+        for component, layout in layouts.items():
+            holders = [u for u in updates if component in u.component_weights]
+            if not holders:
+                continue
+            inputs = ComponentInputs([u.node_id for u in holders], [u.arrays for u in holders],
+                                     [u.component_weights[component] for u in holders])
+            arrays, bad = aggregate_component(layout, inputs)
+            out.update(arrays)
+            dropped.update(bad)
+        if not dropped:
+            return AggregateResult(out, updates, rejected)
+        # Drop those clients from every component, not only where the bad values sat.
+        rejected += [(n, "non-finite", f"node {n} sent NaN, Inf or absurdly large values") for n in sorted(dropped)]
+        updates = [u for u in updates if u.node_id not in dropped]
+
+
+def aggregate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
+                      shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+    """Replies -> validated updates -> new arrays of every component that had a valid holder."""
+    accepted, rejected = validate_replies(replies, node_components, shapes)
+    result = aggregate_updates(accepted, shapes)
+    result.rejected = rejected + result.rejected
+    return result
+
+
+def train_metrics(updates: list[ClientUpdate], rejected: list[tuple[int, str, str]]) -> MetricRecord:
+    metrics = MetricRecord({"clients-accepted": len(updates), "clients-rejected": len(rejected)})
+    for kind, count in Counter(kind for _, kind, _ in rejected).items():
+        metrics[f"rejected.{kind}"] = count
+    totals: dict[str, list[float]] = {}
+    for u in updates:
+        for key, value in u.metrics.items():
+            if key.startswith(protocol.TRAIN_LOSS_PREFIX):
+                totals.setdefault(key, []).append(value)
+    for key, values in totals.items():
+        metrics[key] = float(np.mean(values))
+    return metrics
+
+
+class ComponentFedAvg(Strategy):
+    """Per-component weighted FedAvg for clients with different modality-task profiles."""
+
+    def __init__(self, registry: NodeRegistry, fraction_train: float = 1.0, min_train_nodes: int = 2,
+                 fraction_evaluate: float = 1.0, reply_timeout: float | None = None) -> None:
+        self.registry = registry
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.reply_timeout = reply_timeout
+        self._arrays: ArrayRecord | None = None
+        self._sent: dict[int, tuple[str, ...]] = {}
+        self.last_rejected: list[tuple[int, str, str]] = []
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> ComponentFedAvg: fraction_train %.2f, min_train_nodes %d, fraction_evaluate %.2f",
+            self.fraction_train, self.min_train_nodes, self.fraction_evaluate)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if len(self.registry) == 0:
+            self.registry.discover(grid)
+        nodes = self.registry.sample(self.fraction_train, self.min_train_nodes, server_round)
+        self._arrays = arrays
+        self._sent = {n.node_id: n.components for n in nodes}
+        config = dict(config) | {protocol.SERVER_ROUND: server_round}
+        return node_messages(nodes, arrays, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = list(replies)
+        result = aggregate_replies(replies, self._sent, array_shapes(self._arrays))
+        missing = len(self._sent) - len(replies)
+        for node_id, kind, detail in result.rejected:
+            log(WARNING, "round %d: dropped reply of node %d (%s)", server_round, node_id, detail)
+        if missing:
+            log(WARNING, "round %d: %d sampled nodes did not reply in time", server_round, missing)
+        self.last_rejected = result.rejected
+        metrics = train_metrics(result.accepted, result.rejected)
+        metrics["clients-missing"] = missing
+        if not result.arrays:
+            return None, metrics
+        merged = {k: self._arrays[k] for k in self._arrays.keys()}
+        merged.update({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
+        return ArrayRecord(merged), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if len(self.registry) == 0:
+            self.registry.discover(grid)
+        nodes = self.registry.sample(self.fraction_evaluate, 1, server_round, salt=1)
+        config = dict(config) | {protocol.SERVER_ROUND: server_round}
+        return node_messages(nodes, arrays, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        scores, _ = task_scores(replies)
+        metrics = MetricRecord()
+        for task, score in scores.items():
+            metrics[f"accuracy.{task}"] = score["accuracy"]
+            metrics[f"loss.{task}"] = score["loss"]
+        return metrics

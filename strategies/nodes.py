@@ -1,0 +1,119 @@
+"""Which node holds which components: a small registry filled by one `query` message per node.
+
+Nodes answer with their partition id and profile; the server keeps only these few fields per node.
+Sampling orders nodes by partition id, so a seeded run samples the same clients whatever node ids
+the transport assigned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedmm import protocol
+from fedmm.components import group_by_component
+from fedmm.config import RunConfig
+from fedmm.model import client_components
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    profile: str
+    tasks: tuple[str, ...]
+    components: tuple[str, ...]
+
+
+class NodeRegistry:
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self._nodes: dict[int, NodeInfo] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def info(self, node_id: int) -> NodeInfo:
+        return self._nodes[node_id]
+
+    def nodes(self) -> list[NodeInfo]:
+        return sorted(self._nodes.values(), key=lambda n: n.partition_id)
+
+    def discover(self, grid: Grid, timeout: float = 300.0) -> None:
+        """Wait for `clients.num` nodes, then learn each unknown node's partition and profile."""
+        expected, start = self.run.clients.num, time.monotonic()
+        while len(node_ids := list(grid.get_node_ids())) < expected:
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"only {len(node_ids)} of clients.num={expected} nodes connected in {timeout:.0f} s")
+            time.sleep(1.0)
+        unknown = [n for n in node_ids if n not in self._nodes]
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            try:
+                self._register(reply)
+            except (ValueError, KeyError, TypeError) as err:
+                log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
+        log(INFO, "registry: %d nodes, profiles %s", len(self._nodes),
+            {p: sum(n.profile == p for n in self._nodes.values()) for p in self.run.clients.profiles})
+
+    def _register(self, reply: Message) -> None:
+        if reply.has_error():
+            raise ValueError(reply.error.reason)
+        record = reply.content[protocol.PROFILE]
+        profile = str(record[protocol.PROFILE])
+        if profile not in self.run.clients.profiles:
+            raise ValueError(f"unknown profile {profile!r}")
+        partition_id = int(record[protocol.PARTITION_ID])
+        tasks = tuple(self.run.clients.profiles[profile])
+        if str(record[protocol.TASKS]) != ",".join(tasks):
+            raise ValueError(f"tasks {record[protocol.TASKS]!r} disagree with profile {profile!r}")
+        components = tuple(client_components(list(tasks), self.run))
+        node_id = reply.metadata.src_node_id
+        self._nodes[node_id] = NodeInfo(node_id, partition_id, profile, tasks, components)
+
+    def sample(self, fraction: float, min_nodes: int, server_round: int, salt: int = 0) -> list[NodeInfo]:
+        nodes = self.nodes()
+        size = min(len(nodes), max(int(round(fraction * len(nodes))), min_nodes))
+        if size >= len(nodes):
+            return nodes
+        rng = np.random.default_rng([self.run.seed, server_round, salt])
+        picked = sorted(rng.choice(len(nodes), size=size, replace=False))
+        return [nodes[i] for i in picked]
+
+
+def keys_by_component(arrays: Iterable[str]) -> dict[str, list[str]]:
+    return group_by_component(arrays)
+
+
+def node_messages(nodes: Iterable[NodeInfo], arrays: ArrayRecord, config: Mapping[str, int | float | str],
+                  message_type: str) -> list[Message]:
+    """One message per node carrying only the tensors of that node's components.
+
+    The `Array` objects are shared between records, so each tensor is serialized once per round.
+    """
+    by_component = keys_by_component(arrays.keys())
+    messages = []
+    for node in nodes:
+        record = ArrayRecord({k: arrays[k] for c in node.components for k in by_component.get(c, [])})
+        content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: ConfigRecord(dict(config))})
+        messages.append(Message(content, dst_node_id=node.node_id, message_type=message_type))
+    return messages
+
+
+def expected_shapes(node: NodeInfo, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    by_component = keys_by_component(shapes)
+    return {k: shapes[k] for c in node.components for k in by_component.get(c, [])}
+
+
+def array_shapes(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(arrays[k].shape) for k in arrays.keys()}
+
+
+__all__ = ["NodeInfo", "NodeRegistry", "node_messages", "expected_shapes", "array_shapes", "Array"]

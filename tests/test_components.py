@@ -1,0 +1,59 @@
+import pytest
+
+from fedmm.components import (
+    FUSION,
+    UnknownParameterError,
+    component_of,
+    components_for_tasks,
+    components_on_path,
+    group_by_component,
+)
+from fedmm.model import all_tasks_model, client_components, module_bank, trainable_state
+from fedmm.tasks import SYNTHETIC_TASKS
+
+
+@pytest.mark.parametrize(
+    "name, component",
+    [
+        ("encoders.image.backbone.encoder.layer.0.attention.q_proj.lora_A.default.weight", "encoder.image"),
+        ("encoders.text.proj.weight", "encoder.text"),
+        ("fusion.layers.layers.0.linear1.weight", FUSION),
+        ("fusion.modality_embedding.weight", FUSION),
+        ("heads.vqa.bias", "head.vqa"),
+    ],
+)
+def test_component_of(name, component):
+    assert component_of(name) == component
+
+
+@pytest.mark.parametrize("name", ["encoders.image", "heads", "backbone.weight", ""])
+def test_unknown_parameter_is_an_error(name):
+    with pytest.raises(UnknownParameterError):
+        component_of(name)
+
+
+def test_components_follow_the_tasks():
+    assert components_for_tasks(["img_shape"], SYNTHETIC_TASKS) == ["encoder.image", FUSION, "head.img_shape"]
+    assert components_for_tasks(["vqa", "txt_color"], SYNTHETIC_TASKS) == [
+        "encoder.image", "encoder.text", FUSION, "head.vqa", "head.txt_color"]
+    assert components_on_path("txt_color", SYNTHETIC_TASKS) == ["encoder.text", FUSION, "head.txt_color"]
+
+
+def test_every_trainable_tensor_has_one_component_and_frozen_ones_are_never_sent(small_run):
+    model = all_tasks_model(small_run)
+    state = trainable_state(model)
+    groups = group_by_component(state)
+    assert set(groups) == {"encoder.image", "encoder.text", FUSION, "head.img_shape", "head.txt_color", "head.vqa"}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not (frozen & state.keys())
+    # Inside the encoders only the LoRA factors and the projection train.
+    for name in state:
+        if name.startswith("encoders."):
+            assert "lora_" in name or ".proj." in name, name
+
+
+def test_a_client_holds_only_its_components(small_run):
+    model = module_bank(small_run).model(["txt_color"])
+    state = trainable_state(model, client_components(["txt_color"], small_run))
+    assert {component_of(k) for k in state} == {"encoder.text", FUSION, "head.txt_color"}
+    assert not any(k.startswith("encoders.image") for k in dict(model.named_parameters()))

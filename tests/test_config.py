@@ -1,0 +1,70 @@
+import pytest
+
+from fedmm.config import DEFAULT_PROFILES, ConfigError, config_from_flat, load_config, to_flat
+
+
+def test_defaults_are_valid_and_use_the_default_profiles():
+    run = load_config()
+    assert run.clients.profiles == DEFAULT_PROFILES
+    assert run.rounds >= 1 and run.clients.num >= 10
+
+
+def test_overrides_are_typed():
+    run = load_config(overrides=["train.lr=0.01", "rounds=3", "model.lora_target_modules=query,value"])
+    assert run.train.lr == 0.01 and run.rounds == 3
+    assert run.model.lora_target_modules == ["query", "value"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("nosuch=1", "unknown config key 'nosuch'"),
+        ("train.lr=abc", "'train.lr'"),
+        ("train.lr=-1", "'train.lr' must be > 0"),
+        ("rounds=0", "'rounds' must be > 0"),
+        ("data.partitioner=shards", "'data.partitioner' must be one of"),
+        ("strategy.fraction_train=1.5", "'strategy.fraction_train' must be in (0, 1]"),
+        ("clients.profiles.x=img_shape,nosuch", "unknown task 'nosuch'"),
+        ("train.device=tpu", "'train.device'"),
+        ("model.fusion_heads=5", "'model.fusion_dim' must be divisible"),
+        ("train.local_epochs=1", "exactly one of"),
+        ("data.source=hf", "'data.hf_name' is required"),
+        ("novalue", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_profiles_given_by_user_replace_the_defaults():
+    run = load_config(overrides=["clients.profiles.all=img_shape,txt_color,vqa"])
+    assert run.clients.profiles == {"all": ["img_shape", "txt_color", "vqa"]}
+
+
+def test_flat_run_config_round_trips():
+    run = load_config(overrides=["train.lr=0.02", "clients.profiles.a=vqa", "clients.profiles.b=txt_color"])
+    again = config_from_flat(to_flat(run))
+    assert again == run
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 3\ntrain:\n  lr: 0.005\n")
+    run = load_config(path, ["rounds=4"])
+    assert run.rounds == 4 and run.train.lr == 0.005
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match="'train.lrr'"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)

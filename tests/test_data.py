@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from fedmm.client import task_holders
+from fedmm.data import (
+    COLORS,
+    SHAPES,
+    _COLOR_WORDS,
+    client_task_splits,
+    make_synthetic_task,
+    map_hf_columns,
+    synthetic_vocabulary,
+)
+from fedmm.encoders import HashingTokenizer
+
+
+def test_synthetic_tasks_have_the_declared_label_ranges_and_are_deterministic():
+    for task, classes in (("img_shape", 4), ("txt_color", 4), ("vqa", 12)):
+        a = make_synthetic_task(task, 200, seed=3)
+        b = make_synthetic_task(task, 200, seed=3)
+        labels = np.asarray(a["label"])
+        assert labels.min() >= 0 and labels.max() < classes
+        assert len(set(labels.tolist())) == classes
+        assert a["text"] == b["text"] and np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert make_synthetic_task("vqa", 50, seed=4)["text"] != make_synthetic_task("vqa", 50, seed=3)["text"]
+
+
+def test_caption_labels_follow_the_words():
+    ds = make_synthetic_task("txt_color", 300, seed=0)
+    for text, label in zip(ds["text"], ds["label"]):
+        words = set(text.split())
+        assert words & set(_COLOR_WORDS[COLORS[label]]), text
+        others = {w for c in COLORS if c != COLORS[label] for w in _COLOR_WORDS[c]}
+        assert not words & others
+
+
+def test_vqa_answers_match_the_question_kind():
+    ds = make_synthetic_task("vqa", 300, seed=0)
+    for text, label in zip(ds["text"], ds["label"]):
+        if "shape" in text and "color" not in text:
+            assert 4 <= label < 8, text
+        if "where" in text or "corner" in text or "placed" in text:
+            assert 8 <= label < 12, text
+
+
+def test_image_classes_differ_in_the_pixels():
+    ds = make_synthetic_task("img_shape", 400, seed=0).with_format("numpy")
+    images, labels = np.asarray(ds["image"], dtype=np.float32), np.asarray(ds["label"])
+    # The bright object covers a different area per shape: mean brightness separates the classes.
+    area = [(images[labels == s].max(-1) > 120).mean() for s in range(len(SHAPES))]
+    assert max(area) - min(area) > 0.01
+
+
+def test_tokenizer_has_no_collision_on_the_generated_vocabulary():
+    tok = HashingTokenizer(16)
+    words = synthetic_vocabulary()
+    assert len({tok.token_id(w) for w in words}) == len(words)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_and_splits_do_not_overlap(small_run, partitioner):
+    small_run.data.partitioner = partitioner
+    holders = task_holders(small_run, "img_shape")
+    assert holders == [0, 2, 3, 5]  # profiles cycle image, text, multimodal
+    seen = []
+    for p in holders:
+        splits = client_task_splits(small_run, "img_shape", holders, p)
+        parts = [splits.train, splits.val, splits.test]
+        assert all(len(s) > 0 for s in parts)
+        fingerprints = [{np.asarray(x).tobytes() for x in s.with_format("numpy")["image"]} for s in parts]
+        assert not (fingerprints[0] & fingerprints[1]) and not (fingerprints[0] & fingerprints[2])
+        seen.append(sum(len(s) for s in parts))
+    assert sum(seen) == small_run.data.examples_per_task
+
+
+def test_dirichlet_partitions_are_skewed(small_run):
+    small_run.data.dirichlet_alpha = 0.1
+    holders = task_holders(small_run, "img_shape")
+    dists = []
+    for p in holders:
+        labels = np.asarray(client_task_splits(small_run, "img_shape", holders, p).train["label"])
+        dists.append(np.bincount(labels, minlength=4) / len(labels))
+    assert max(d.max() for d in dists) > 0.5
+
+
+def test_hf_columns_are_mapped():
+    rng = np.random.default_rng(0)
+    ds = Dataset.from_dict({
+        "img": [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(6)],
+        "question": [f"q {i}" for i in range(6)],
+        "answer": [i % 3 for i in range(6)],
+    })
+    mapped = map_hf_columns(ds, "img", "question", "answer", image_size=32)
+    assert mapped.column_names == ["image", "text", "label"]
+    assert np.asarray(mapped[0]["image"]).shape == (32, 32, 3)
+    assert mapped["text"][2] == "q 2" and mapped["label"] == [0, 1, 2, 0, 1, 2]
+    text_only = map_hf_columns(ds.remove_columns("img"), "", "question", "answer", image_size=8)
+    assert np.asarray(text_only[0]["image"]).sum() == 0
+
+
+def test_hf_mapping_names_a_missing_column():
+    ds = Dataset.from_dict({"text": ["a"], "label": [0]})
+    with pytest.raises(ValueError, match="data.hf_label_column='y'"):
+        map_hf_columns(ds, "", "text", "y", image_size=8)

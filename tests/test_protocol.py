@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from fedmm import protocol
+from fedmm.protocol import ReplyError, decode_array, validate_train_reply
+
+SHAPES = {"encoders.image.proj.weight": (4, 3), "fusion.norm.bias": (3,)}
+COMPONENTS = ["encoder.image", "fusion.shared"]
+
+
+def reply(content: RecordDict | None = None, error: Error | None = None, node: int = 7) -> Message:
+    metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                        group_id="", created_at=0.0, ttl=60.0, message_type="train")
+    if error is not None:
+        return Message(metadata=metadata, error=error)
+    return Message(metadata=metadata, content=content)
+
+
+def good_arrays():
+    rng = np.random.default_rng(0)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def good_content(**changes):
+    arrays = changes.pop("arrays", good_arrays())
+    counts = changes.pop("counts", {"encoder.image": 5, "fusion.shared": 5})
+    content = protocol.train_reply_content(arrays, changes.pop("num_examples", 5), counts, {"train-loss.vqa": 1.0})
+    return content
+
+
+def test_decode_matches_numpy_and_is_zero_copy():
+    value = np.arange(12, dtype=np.float32).reshape(4, 3)
+    array = Array(value)
+    decoded = decode_array(array, "k", (4, 3))
+    np.testing.assert_array_equal(decoded, array.numpy())
+    assert not decoded.flags.owndata
+
+
+def test_a_good_reply_validates():
+    update = validate_train_reply(reply(good_content()), SHAPES, COMPONENTS)
+    assert update.num_examples == 5 and update.node_id == 7
+    assert update.component_weights == {"encoder.image": 5.0, "fusion.shared": 5.0}
+    np.testing.assert_array_equal(update.arrays["fusion.norm.bias"], good_arrays()["fusion.norm.bias"])
+
+
+def _with_array(key, array):
+    content = good_content()
+    content[protocol.ARRAYS][key] = array
+    return content
+
+
+def _without_array(key):
+    content = good_content()
+    del content[protocol.ARRAYS][key]
+    return content
+
+
+def _metric(key, value):
+    content = good_content()
+    if value is None:
+        del content[protocol.METRICS][key]
+    else:
+        content[protocol.METRICS][key] = value
+    return content
+
+
+def _corrupt_header():
+    array = Array(np.zeros((4, 3), dtype=np.float32))
+    data = array.data.replace(b"'fortran_order': False", b"'fortran_order': True ")
+    return _with_array("encoders.image.proj.weight", Array(dtype="float32", shape=(4, 3), stype="numpy.ndarray", data=data))
+
+
+def _short_payload():
+    array = Array(np.zeros((4, 3), dtype=np.float32))
+    return _with_array("encoders.image.proj.weight",
+                       Array(dtype="float32", shape=(4, 3), stype="numpy.ndarray", data=array.data[:-4]))
+
+
+def _lying_metadata():
+    array = Array(np.zeros((2, 6), dtype=np.float32))
+    return _with_array("encoders.image.proj.weight",
+                       Array(dtype="float32", shape=(4, 3), stype="numpy.ndarray", data=array.data))
+
+
+BAD = {
+    "client-error": lambda: reply(error=Error(code=0, reason="boom")),
+    "unexpected-key": lambda: reply(_with_array("heads.vqa.weight", Array(np.zeros(3, np.float32)))),
+    "missing-key": lambda: reply(_without_array("fusion.norm.bias")),
+    "bad-dtype": lambda: reply(_with_array("fusion.norm.bias", Array(np.zeros(3, np.float64)))),
+    "bad-shape": lambda: reply(_with_array("fusion.norm.bias", Array(np.zeros(4, np.float32)))),
+    "bad-encoding": lambda: reply(_corrupt_header()),
+    "bad-encoding-size": lambda: reply(_short_payload()),
+    "bad-encoding-header": lambda: reply(_lying_metadata()),
+    "bad-count-zero": lambda: reply(good_content(num_examples=0)),
+    "bad-count-negative": lambda: reply(_metric(protocol.NUM_EXAMPLES, -3)),
+    "bad-count-fraction": lambda: reply(_metric(protocol.NUM_EXAMPLES, 2.5)),
+    "bad-count-missing": lambda: reply(_metric(protocol.NUM_EXAMPLES, None)),
+    "bad-count-component": lambda: reply(good_content(counts={"encoder.image": 5})),
+    "bad-structure": lambda: reply(RecordDict({"other": ArrayRecord(), protocol.METRICS: MetricRecord()})),
+    "bad-structure-config": lambda: reply(_extra_config()),
+}
+
+
+def _extra_config():
+    content = good_content()
+    content["cfg"] = ConfigRecord({"a": 1})
+    return content
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_each_bad_reply_kind_is_rejected_with_its_reason(case):
+    with pytest.raises(ReplyError) as err:
+        validate_train_reply(BAD[case](), SHAPES, COMPONENTS)
+    assert err.value.kind == case.split("-")[0] + "-" + case.split("-")[1]
