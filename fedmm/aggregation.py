@@ -1,8 +1,10 @@
 """Per-component weighted averaging over the clients that hold each component.
 
-For each component the holders' tensors are copied once into an (N, P) float32 matrix and averaged
-with one matrix-vector product. Non-finite inputs surface as non-finite means (weights are positive),
-so the exact per-client finiteness check runs only when something is wrong.
+The mean streams over the holders' tensors (zero-copy views of the received buffers) with BLAS
+`saxpy`, touching each received value once; no (N, P) copy is made. Non-finite inputs surface as
+non-finite means (weights are positive), so the exact per-client finiteness check runs only when
+something is wrong. `stack_component` builds the (N, P) matrix for code that needs all updates side
+by side (trust scoring).
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+from scipy.linalg.blas import saxpy
 
 from fedmm.components import group_by_component
 
@@ -28,7 +33,7 @@ class ComponentLayout:
 def component_layouts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ComponentLayout]:
     layouts = {}
     for component, names in group_by_component(sorted(shapes)).items():
-        sizes = [int(np.prod(shapes[n], dtype=np.int64)) for n in names]
+        sizes = [math.prod(shapes[n]) for n in names]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         layouts[component] = ComponentLayout(
             tuple(names), tuple(tuple(shapes[n]) for n in names), tuple(int(o) for o in offsets), int(sum(sizes))
@@ -52,9 +57,22 @@ def weighted_mean(stacked: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (w / w.sum()).astype(np.float32) @ stacked
 
 
+def streaming_weighted_mean(layout: ComponentLayout, client_arrays: Sequence[Mapping[str, np.ndarray]],
+                            weights: np.ndarray) -> np.ndarray:
+    """Same result as `weighted_mean(stack_component(...), weights)` without building the stack."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    out = np.zeros(layout.size, dtype=np.float32)
+    segments = [out[o : o + math.prod(s)] for o, s in zip(layout.offsets, layout.shapes)]
+    for arrays, wi in zip(client_arrays, w.tolist()):
+        for name, segment in zip(layout.names, segments):
+            saxpy(arrays[name].reshape(-1), segment, a=wi)  # segment += wi * x, in place
+    return out
+
+
 def unflatten(layout: ComponentLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
     return {
-        name: flat[offset : offset + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        name: flat[offset : offset + math.prod(shape)].reshape(shape)
         for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets)
     }
 
@@ -75,11 +93,11 @@ class ComponentInputs:
 
 def aggregate_component(layout: ComponentLayout, inputs: ComponentInputs) -> tuple[dict[str, np.ndarray], list[int]]:
     """New tensors of one component, and the ids of holders dropped for non-finite values."""
-    stacked = stack_component(layout, inputs.arrays)
     weights = np.asarray(inputs.weights, dtype=np.float64)
-    mean = weighted_mean(stacked, weights)
+    mean = streaming_weighted_mean(layout, inputs.arrays, weights)
     dropped: list[int] = []
     if not np.isfinite(mean).all():
+        stacked = stack_component(layout, inputs.arrays)
         bad = nonfinite_rows(stacked)
         dropped = [inputs.client_ids[i] for i in bad]
         keep = np.setdiff1d(np.arange(len(weights)), bad)

@@ -130,7 +130,8 @@ class ComponentFedAvg(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
+        # Partition order, not arrival order: a seeded run sums in the same order every time.
+        replies = sorted(replies, key=lambda r: self._order(r.metadata.src_node_id))
         result = aggregate_replies(replies, self._sent, array_shapes(self._arrays))
         missing = len(self._sent) - len(replies)
         for node_id, kind, detail in result.rejected:
@@ -145,6 +146,12 @@ class ComponentFedAvg(Strategy):
         merged = {k: self._arrays[k] for k in self._arrays.keys()}
         merged.update({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
         return ArrayRecord(merged), metrics
+
+    def _order(self, node_id: int) -> tuple[int, int]:
+        try:
+            return (self.registry.info(node_id).partition_id, node_id)
+        except KeyError:
+            return (-1, node_id)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

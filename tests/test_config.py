@@ -68,3 +68,15 @@ def test_yaml_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+
+
+def test_the_flower_app_config_in_pyproject_mirrors_the_code_defaults():
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+    assert declared == to_flat(load_config())
+    assert config_from_flat(declared) == load_config()

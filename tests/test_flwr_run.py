@@ -1,0 +1,107 @@
+"""`flwr run .` through a real local SuperLink gives the same run as `fedmm simulate`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).parents[1]
+CONFIG = {"clients.num": 3, "rounds": 2, "data.examples_per_task": 300, "train.local_steps": 5, "seed": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """Our own SuperLink on a free port with its own FLWR_HOME, stopped after the tests."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    port = _free_port()
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0")
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n')
+    proc = subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(port), "--log-file", str(home / "superlink.log")],
+        env=env, cwd=home, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the SuperLink did not start")
+        time.sleep(0.3)
+    yield env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _run_config(out: Path) -> str:
+    return " ".join([f'out="{out}"'] + [f"{k}={v}" for k, v in CONFIG.items()])
+
+
+@pytest.mark.slow
+def test_flwr_run_matches_fedmm_simulate(superlink, tmp_path):
+    flwr_out, sim_out = tmp_path / "flwr", tmp_path / "sim"
+    run_id = _flwr_run(superlink, _run_config(flwr_out))["run-id"]
+    listing = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=superlink,
+                             capture_output=True, text=True, timeout=120)
+    assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:completed", listing.stdout
+    assert (flwr_out / "summary.json").is_file()
+
+    sim = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(sim_out),
+                          *[f"{k}={v}" for k, v in CONFIG.items()]], capture_output=True, text=True, timeout=600)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+
+    a = load_file(str(flwr_out / "checkpoints" / "round-0002.safetensors"))
+    b = load_file(str(sim_out / "checkpoints" / "round-0002.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    summary_a = json.loads((flwr_out / "summary.json").read_text())
+    summary_b = json.loads((sim_out / "summary.json").read_text())
+    accuracies = [k for k in summary_a if k.endswith(".accuracy")]
+    assert accuracies and all(summary_a[k] == pytest.approx(summary_b[k], abs=1e-9) for k in accuracies)
+
+
+def _flwr_run(env: dict, run_config: str, timeout: int = 600) -> dict:
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--format", "json", "--federation-config",
+           f"num-supernodes={CONFIG['clients.num']} client-resources-num-cpus=1", "--run-config", run_config]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_flwr_run_refuses_an_unknown_key(superlink, tmp_path):
+    reply = _flwr_run(superlink, f'out="{tmp_path}" train.lrr=1')
+    assert reply["success"] is False and "Invalid run configuration" in reply["error-message"]
+
+
+@pytest.mark.slow
+def test_flwr_run_with_a_bad_value_fails_before_any_round(superlink, tmp_path):
+    out = tmp_path / "bad"
+    reply = _flwr_run(superlink, f'out="{out}" train.lr=-1.0')
+    listing = subprocess.run(["flwr", "ls", "--run-id", str(reply["run-id"]), "--format", "json"], env=superlink,
+                             capture_output=True, text=True, timeout=120)
+    assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:failed"
+    assert not (out / "metrics.jsonl").exists()
