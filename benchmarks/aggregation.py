@@ -5,8 +5,8 @@ weighted mean over the same data already decoded and stacked.
 Prints one JSON line per (N clients, P parameters) point, then a final JSON line for the largest point
 with `ratio_vs_flower_fedavg` and `ratio_vs_memory_floor`.
 
-    python benchmarks/aggregation.py                 # N x P = 100 x 1e6 and 1000 x 1e5
-    python benchmarks/aggregation.py --points 1000x1000000
+    python benchmarks/aggregation.py                 # N x P from 100 x 1e5 to 1000 x 1e6
+    python benchmarks/aggregation.py --points 1000x100000
 """
 
 from __future__ import annotations
@@ -28,18 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fedmm import protocol  # noqa: E402
 from strategies.component_fedavg import aggregate_replies  # noqa: E402
 
-# Two components shaped like LoRA factors and a projection: 60% encoder, 40% fusion.
-COMPONENT_SPLIT = {"encoders.image.": 0.6, "fusion.": 0.4}
+# On the wire each component is one flat float32 vector (see fedmm.components); a client holding an
+# encoder and the fusion block sends two. Split of P: 60% encoder, 40% fusion.
+COMPONENT_SPLIT = {"encoder.image": 0.6, "fusion.shared": 0.4}
 
 
 def layout(total: int) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for prefix, share in COMPONENT_SPLIT.items():
-        size = int(total * share)
-        for i, part in enumerate((0.5, 0.25, 0.25)):
-            n = max(1, int(size * part))
-            shapes[f"{prefix}layer{i}.lora_A.weight"] = (8, max(1, n // 8))
-    return shapes
+    return {component: (int(total * share),) for component, share in COMPONENT_SPLIT.items()}
 
 
 def make_replies(n: int, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> list[Message]:
@@ -71,7 +66,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 def measure(n: int, p: int, repeats: int) -> dict:
     shapes = layout(p)
     replies = make_replies(n, shapes)
-    holders = {r.metadata.src_node_id: ("encoder.image", "fusion.shared") for r in replies}
+    holders = {r.metadata.src_node_id: tuple(COMPONENT_SPLIT) for r in replies}
     t_ours, ours = best_of(lambda: aggregate_replies(replies, holders, shapes), repeats)
     assert not ours.rejected
     flower = FedAvg()
@@ -100,8 +95,9 @@ def measure(n: int, p: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", nargs="+", default=["100x1000000", "1000x100000"],
-                        help="N x P points, e.g. 1000x1000000 (about 12 GB of RAM)")
+    parser.add_argument("--points", nargs="+",
+                        default=["100x100000", "1000x100000", "100x1000000", "1000x1000000"],
+                        help="N x P points; 1000x1000000 needs about 12 GB of RAM")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -9,36 +9,14 @@ by side (trust scoring).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import math
 
 import numpy as np
 from scipy.linalg.blas import saxpy
 
-from fedmm.components import group_by_component
-
-
-@dataclass(frozen=True)
-class ComponentLayout:
-    """Where each parameter of a component sits in its flat vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    offsets: tuple[int, ...]
-    size: int
-
-
-def component_layouts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ComponentLayout]:
-    layouts = {}
-    for component, names in group_by_component(sorted(shapes)).items():
-        sizes = [math.prod(shapes[n]) for n in names]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
-        layouts[component] = ComponentLayout(
-            tuple(names), tuple(tuple(shapes[n]) for n in names), tuple(int(o) for o in offsets), int(sum(sizes))
-        )
-    return layouts
+from fedmm.components import ComponentLayout, unflatten
 
 
 def stack_component(layout: ComponentLayout, client_arrays: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
@@ -68,13 +46,6 @@ def streaming_weighted_mean(layout: ComponentLayout, client_arrays: Sequence[Map
         for name, segment in zip(layout.names, segments):
             saxpy(arrays[name].reshape(-1), segment, a=wi)  # segment += wi * x, in place
     return out
-
-
-def unflatten(layout: ComponentLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        name: flat[offset : offset + math.prod(shape)].reshape(shape)
-        for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets)
-    }
 
 
 def nonfinite_rows(stacked: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedmm.config import RunConfig
 from fedmm.data import client_task_splits
-from fedmm.model import client_components, load_trainable, module_bank, trainable_state
+from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
 from fedmm.training import TaskTensors, encode_split, evaluate, lr_at, resolve_device, train_local
 
 
@@ -75,10 +75,13 @@ def _seed(run: RunConfig, me: ClientIdentity, server_round: int) -> int:
 
 
 def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], server_round: int):
-    """Load the received tensors (strictly), train locally, return (arrays, per-component counts, metrics)."""
+    """Load the received component vectors (strictly), train locally.
+
+    Returns (component vectors, examples trained on, examples per component, metrics).
+    """
     components = client_components(list(me.tasks), run)
     model = module_bank(run).model(list(me.tasks))
-    load_trainable(model, dict(arrays), components)
+    load_component_vectors(model, dict(arrays), components)
     device = resolve_device(run.train.device)
     result = train_local(model, client_data(run, me, "train"), run.train,
                          lr_at(server_round, run.rounds, run.train), _seed(run, me, server_round), device)
@@ -90,13 +93,13 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
     counts = {c: max(n, 1) for c, n in counts.items()}
     metrics = {f"train-loss.{t}": v for t, v in result.loss.items()}
     metrics["train-steps"] = float(result.steps)
-    return trainable_state(model, components), sum(result.examples.values()), counts, metrics
+    return component_vectors(model, components), sum(result.examples.values()), counts, metrics
 
 
 def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], split: str = "test"):
     """Per-task scores of the received global tensors on this client's held-out data."""
     components = client_components(list(me.tasks), run)
     model = module_bank(run).model(list(me.tasks))
-    load_trainable(model, dict(arrays), components)
+    load_component_vectors(model, dict(arrays), components)
     device = resolve_device(run.train.device)
     return evaluate(model, client_data(run, me, split), 2 * run.train.batch_size, device, run.train.precision)

@@ -7,7 +7,11 @@ all ask `component_of`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
 
 from fedmm.tasks import TaskSpec, profile_modalities
 
@@ -46,3 +50,47 @@ def group_by_component(names: Iterable[str]) -> dict[str, list[str]]:
     for name in names:
         groups.setdefault(component_of(name), []).append(name)
     return groups
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Where each parameter of a component sits in the component's flat vector (sorted by name).
+
+    On the wire a component is one flat float32 vector; both sides derive the same layout from the
+    model definition, so only the vector travels.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+
+def component_layouts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, ComponentLayout]:
+    layouts = {}
+    for component, names in group_by_component(sorted(shapes)).items():
+        sizes = [math.prod(shapes[n]) for n in names]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        layouts[component] = ComponentLayout(tuple(names), tuple(tuple(shapes[n]) for n in names),
+                                             tuple(offsets), sum(sizes))
+    return layouts
+
+
+def flat_layouts(sizes: Mapping[str, int]) -> dict[str, ComponentLayout]:
+    """Layouts of arrays that already are one flat vector per component (the wire format)."""
+    return {c: ComponentLayout((c,), ((n,),), (0,), n) for c, n in sizes.items()}
+
+
+def flatten(layout: ComponentLayout, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    flat = np.empty(layout.size, dtype=np.float32)
+    for name, offset in zip(layout.names, layout.offsets):
+        value = arrays[name].reshape(-1)
+        flat[offset : offset + value.size] = value
+    return flat
+
+
+def unflatten(layout: ComponentLayout, flat: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        name: flat[offset : offset + math.prod(shape)].reshape(shape)
+        for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets)
+    }

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import component_of, components_for_tasks
+from fedmm.components import component_layouts, component_of, components_for_tasks, flatten, unflatten
 from fedmm.config import RunConfig
 from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder, pixel_values
 from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
@@ -185,6 +185,35 @@ def load_trainable(model: nn.Module, arrays: dict[str, np.ndarray], components: 
             params[name].copy_(torch.from_numpy(np.asarray(value)))
 
 
+def trainable_layouts(model: nn.Module, components: list[str] | None = None):
+    """Layout of each component's flat vector, from the model's trainable parameters."""
+    wanted = None if components is None else set(components)
+    return component_layouts({n: tuple(p.shape) for n, p in model.named_parameters()
+                              if p.requires_grad and (wanted is None or component_of(n) in wanted)})
+
+
+def component_vectors(model: nn.Module, components: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The wire format: one flat float32 vector per component."""
+    state = trainable_state(model, components)
+    layouts = trainable_layouts(model, components)
+    return {c: flatten(layout, state) for c, layout in layouts.items()}
+
+
+def load_component_vectors(model: nn.Module, vectors: dict[str, np.ndarray], components: list[str]) -> None:
+    """Load exactly `components` from their flat vectors; any missing or unexpected key is an error."""
+    layouts = trainable_layouts(model, components)
+    missing, unexpected = sorted(set(layouts) - vectors.keys()), sorted(vectors.keys() - set(layouts))
+    if missing or unexpected:
+        raise StateKeyError(f"components do not match: missing {missing}, unexpected {unexpected}")
+    arrays: dict[str, np.ndarray] = {}
+    for component, layout in layouts.items():
+        vector = np.asarray(vectors[component])
+        if vector.shape != (layout.size,):
+            raise StateKeyError(f"{component}: shape {vector.shape}, expected ({layout.size},)")
+        arrays.update(unflatten(layout, vector))
+    load_trainable(model, arrays, components)
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer as stored (frozen ones too)."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -197,5 +226,5 @@ def client_components(tasks: list[str], run: RunConfig) -> list[str]:
 
 __all__ = [
     "MultiModalModel", "ModuleBank", "module_bank", "all_tasks_model", "trainable_state",
-    "load_trainable", "StateKeyError", "parameter_bytes", "client_components", "pixel_values",
+    "load_trainable", "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes", "client_components", "pixel_values",
 ]

@@ -18,7 +18,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmm import protocol
 from fedmm.config import ConfigError, RunConfig
-from fedmm.model import all_tasks_model, parameter_bytes, trainable_state
+from fedmm.components import unflatten
+from fedmm.model import all_tasks_model, component_vectors, parameter_bytes, trainable_layouts
 from fedmm.results import RunResults, print_table, summary_dict
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import aggregate_replies
@@ -84,16 +85,20 @@ def _timeout(run: RunConfig) -> float | None:
     return run.strategy.reply_timeout or None
 
 
-def _decode_all(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    shapes = array_shapes(arrays)
-    return {k: protocol.decode_array(arrays[k], k, shapes[k]) for k in arrays.keys()}
+def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
+    """Component vectors -> tensors keyed by parameter name (what checkpoints hold)."""
+    out: dict[str, np.ndarray] = {}
+    for component, layout in layouts.items():
+        out.update(unflatten(layout, protocol.decode_array(arrays[component], component, (layout.size,))))
+    return out
 
 
 def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     """Run every round and write the results folder; returns the summary."""
     random.seed(run.seed)  # Flower's own strategies sample with `random`
     model = all_tasks_model(run)
-    arrays = protocol.to_array_record(trainable_state(model))
+    arrays = protocol.to_array_record(component_vectors(model))
+    layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
     results = RunResults(run.out, run)
@@ -109,7 +114,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         bar = progress.add_task("evaluating the initial model", total=run.rounds)
         record = {"round": 0, **evaluate_global(grid, registry, arrays, 0, run)}
         results.log_round(record)
-        results.checkpoint(0, _decode_all(arrays))
+        results.checkpoint(0, _parameters(arrays, layouts))
         for server_round in range(1, run.rounds + 1):
             start = time.monotonic()
             progress.update(bar, description=f"training round {server_round}")
@@ -128,7 +133,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             record.update(evaluate_global(grid, registry, arrays, server_round, run))
             record["time.round_s"] = time.monotonic() - start
             results.log_round(record)
-            results.checkpoint(server_round, _decode_all(arrays))
+            results.checkpoint(server_round, _parameters(arrays, layouts))
             accs = "  ".join(f"{k.split('.')[1]} {v:.3f}" for k, v in record.items()
                              if k.startswith("global.") and k.endswith(".accuracy"))
             progress.update(bar, completed=server_round, description=accs)

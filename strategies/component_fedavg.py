@@ -7,6 +7,7 @@ goes on with the rest.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmm import protocol
-from fedmm.components import component_of
-from fedmm.aggregation import ComponentInputs, aggregate_component, component_layouts
+from fedmm.aggregation import ComponentInputs, aggregate_component
+from fedmm.components import ComponentLayout, flat_layouts
 from fedmm.protocol import ClientUpdate, ReplyError
 from strategies.evaluation import task_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
@@ -35,9 +36,7 @@ class AggregateResult:
 
 def validate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
                      shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[ClientUpdate], list[tuple[int, str, str]]]:
-    by_component: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        by_component.setdefault(component_of(key), {})[key] = shape
+    """Check each reply against the component vectors its node was sent (`shapes` keyed by component)."""
     accepted, rejected = [], []
     for reply in replies:
         node_id = reply.metadata.src_node_id
@@ -45,16 +44,15 @@ def validate_replies(replies: Iterable[Message], node_components: Mapping[int, I
             if node_id not in node_components:
                 raise ReplyError("unknown-node", f"node {node_id} was not sent this round")
             components = list(node_components[node_id])
-            expected = {k: s for c in components for k, s in by_component.get(c, {}).items()}
+            expected = {c: shapes[c] for c in components}
             accepted.append(protocol.validate_train_reply(reply, expected, components))
         except ReplyError as err:
             rejected.append((node_id, err.kind, str(err)))
     return accepted, rejected
 
 
-def aggregate_updates(updates: list[ClientUpdate], shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+def aggregate_updates(updates: list[ClientUpdate], layouts: Mapping[str, ComponentLayout]) -> AggregateResult:
     """Weighted mean of each component over its holders; drops clients with non-finite tensors."""
-    layouts = component_layouts(shapes)
     rejected: list[tuple[int, str, str]] = []
     while True:
         out: dict[str, np.ndarray] = {}
@@ -79,7 +77,7 @@ def aggregate_replies(replies: Iterable[Message], node_components: Mapping[int, 
                       shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
     """Replies -> validated updates -> new arrays of every component that had a valid holder."""
     accepted, rejected = validate_replies(replies, node_components, shapes)
-    result = aggregate_updates(accepted, shapes)
+    result = aggregate_updates(accepted, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
     result.rejected = rejected + result.rejected
     return result
 

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmm import protocol
-from fedmm.components import group_by_component
 from fedmm.config import RunConfig
 from fedmm.model import client_components
 
@@ -88,32 +87,19 @@ class NodeRegistry:
         return [nodes[i] for i in picked]
 
 
-def keys_by_component(arrays: Iterable[str]) -> dict[str, list[str]]:
-    return group_by_component(arrays)
-
-
 def node_messages(nodes: Iterable[NodeInfo], arrays: ArrayRecord, config: Mapping[str, int | float | str],
                   message_type: str) -> list[Message]:
-    """One message per node carrying only the tensors of that node's components.
+    """One message per node carrying only the vectors of that node's components.
 
-    The `Array` objects are shared between records, so each tensor is serialized once per round.
+    The `Array` objects are shared between records, so each vector is serialized once per round.
     """
-    by_component = keys_by_component(arrays.keys())
     messages = []
     for node in nodes:
-        record = ArrayRecord({k: arrays[k] for c in node.components for k in by_component.get(c, [])})
+        record = ArrayRecord({c: arrays[c] for c in node.components})
         content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: ConfigRecord(dict(config))})
         messages.append(Message(content, dst_node_id=node.node_id, message_type=message_type))
     return messages
 
 
-def expected_shapes(node: NodeInfo, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    by_component = keys_by_component(shapes)
-    return {k: shapes[k] for c in node.components for k in by_component.get(c, [])}
-
-
 def array_shapes(arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(arrays[k].shape) for k in arrays.keys()}
-
-
-__all__ = ["NodeInfo", "NodeRegistry", "node_messages", "expected_shapes", "array_shapes", "Array"]

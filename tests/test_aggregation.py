@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fedmm.aggregation import ComponentInputs, aggregate_component, component_layouts, stack_component
+from fedmm.aggregation import ComponentInputs, aggregate_component, stack_component
+from fedmm.components import component_layouts
 from fedmm.protocol import ClientUpdate
 from strategies.component_fedavg import aggregate_updates
 
@@ -56,7 +57,7 @@ def naive_reference(updates, shapes):
 
 def test_per_component_mean_matches_the_naive_reference():
     updates = make_updates(7)
-    result = aggregate_updates(updates, SHAPES)
+    result = aggregate_updates(updates, component_layouts(SHAPES))
     expected = naive_reference(updates, SHAPES)
     assert result.arrays.keys() == expected.keys()
     for key in expected:
@@ -65,7 +66,7 @@ def test_per_component_mean_matches_the_naive_reference():
 
 def test_a_component_nobody_holds_is_left_out():
     updates = [u for u in make_updates(6) if "encoder.text" not in u.component_weights]
-    result = aggregate_updates(updates, SHAPES)
+    result = aggregate_updates(updates, component_layouts(SHAPES))
     assert "encoders.text.proj.weight" not in result.arrays
     assert "encoders.image.proj.weight" in result.arrays
 
@@ -74,7 +75,7 @@ def test_a_component_nobody_holds_is_left_out():
 def test_non_finite_client_is_dropped_from_every_component(bad_value):
     updates = make_updates(6)
     updates[2].arrays["heads.vqa.weight"][0, 0] = bad_value  # client 102 holds every component
-    result = aggregate_updates(updates, SHAPES)
+    result = aggregate_updates(updates, component_layouts(SHAPES))
     assert [n for n, kind, _ in result.rejected] == [102]
     expected = naive_reference([u for u in updates if u.node_id != 102], SHAPES)
     for key in expected:
@@ -85,7 +86,7 @@ def test_largest_finite_values_do_not_overflow_the_mean():
     updates = make_updates(6)
     for u in updates:
         u.arrays["fusion.norm.weight"][:] = np.finfo(np.float32).max
-    result = aggregate_updates(updates, SHAPES)
+    result = aggregate_updates(updates, component_layouts(SHAPES))
     assert result.rejected == []
     assert np.isfinite(result.arrays["fusion.norm.weight"]).all()
 

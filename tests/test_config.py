@@ -80,3 +80,18 @@ def test_the_flower_app_config_in_pyproject_mirrors_the_code_defaults():
     declared = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert declared == to_flat(load_config())
     assert config_from_flat(declared) == load_config()
+
+
+def test_the_readme_config_reference_lists_every_key_with_its_default():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.<>]+)` \| ([^|]*) \|", readme, flags=re.M))
+    for key, value in to_flat(load_config()).items():
+        if key.startswith("clients.profiles."):
+            assert f"{key.rsplit('.', 1)[1]}: {value}" in rows["clients.profiles.<name>"]
+            continue
+        assert key in rows, f"README config reference lacks {key}"
+        shown = rows[key].strip().strip("`").strip("'")
+        assert shown == ("" if value == "" else str(value)), (key, shown, value)

@@ -11,6 +11,8 @@ from fedmm.model import (
     StateKeyError,
     all_tasks_model,
     client_components,
+    component_vectors,
+    load_component_vectors,
     load_trainable,
     module_bank,
     parameter_bytes,
@@ -67,6 +69,22 @@ def test_strict_loading_rejects_missing_and_unexpected_keys(small_run):
     wrong_shape[key] = np.zeros((1, 1), np.float32)
     with pytest.raises(StateKeyError, match="shape"):
         load_trainable(model, wrong_shape, components)
+
+
+def test_component_vectors_round_trip_and_are_strict(small_run):
+    model = module_bank(small_run).model(["vqa"])
+    components = client_components(["vqa"], small_run)
+    vectors = component_vectors(model, components)
+    assert set(vectors) == set(components) and all(v.ndim == 1 for v in vectors.values())
+    changed = {c: v + 1.0 for c, v in vectors.items()}
+    load_component_vectors(model, changed, components)
+    assert all(np.array_equal(component_vectors(model, components)[c], changed[c]) for c in components)
+    with pytest.raises(StateKeyError, match="missing"):
+        load_component_vectors(model, {c: v for c, v in changed.items() if c != "head.vqa"}, components)
+    with pytest.raises(StateKeyError, match="unexpected"):
+        load_component_vectors(model, {**changed, "head.img_shape": np.zeros(3, np.float32)}, components)
+    with pytest.raises(StateKeyError, match="shape"):
+        load_component_vectors(model, {**changed, "head.vqa": np.zeros(3, np.float32)}, components)
 
 
 def test_loaded_arrays_reach_the_parameters(small_run):

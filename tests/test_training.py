@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedmm import client
-from fedmm.model import client_components, module_bank, trainable_state
+from fedmm.model import client_components, component_vectors, module_bank, trainable_state
 from fedmm.training import evaluate, lr_at, resolve_device, train_local
 
 
@@ -45,9 +45,11 @@ def test_local_training_lowers_the_loss_and_is_deterministic(small_run):
 def test_client_train_reports_per_component_counts(small_run):
     me = client.identify(small_run, {"partition-id": 0})  # image profile
     model = module_bank(small_run).model(list(me.tasks))
-    arrays = trainable_state(model, client_components(list(me.tasks), small_run))
+    arrays = component_vectors(model, client_components(list(me.tasks), small_run))
     out, n, counts, metrics = client.train(small_run, me, arrays, server_round=1)
-    assert out.keys() == arrays.keys()
+    assert out.keys() == arrays.keys() == {"encoder.image", "fusion.shared", "head.img_shape"}
+    assert all(out[c].shape == arrays[c].shape and out[c].ndim == 1 for c in out)
+    assert any(not np.array_equal(out[c], arrays[c]) for c in out)
     assert n == small_run.train.local_steps * small_run.train.batch_size
     assert counts == {"encoder.image": n, "fusion.shared": n, "head.img_shape": n}
     assert math.isfinite(metrics["train-loss.img_shape"])
