@@ -306,6 +306,10 @@ def validate(run: RunConfig) -> None:
     _positive("strategy.reply_timeout", run.strategy.reply_timeout, allow_zero=True)
     if not run.strategy.name:
         raise ConfigError("config key 'strategy.name' must not be empty")
+    most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
+    if 0 < run.train.local_steps < most_tasks:
+        raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
+                          "holds) so every task trains each round")
     # Task names are checked against the data source in fedmm.tasks (it knows which exist).
     from fedmm.tasks import task_specs
 

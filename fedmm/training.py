@@ -73,13 +73,22 @@ class TrainResult:
 
 
 def _schedule(sizes: dict[str, int], cfg: TrainConfig, generator: torch.Generator) -> list[str]:
-    """Which task each optimizer step trains: tasks drawn in proportion to their training data."""
+    """Which task each optimizer step trains: steps shared in proportion to the tasks' training data,
+    every task at least once when there are enough steps, in a seeded random order."""
     total = sum(sizes.values())
     steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * total / cfg.batch_size))
     tasks = list(sizes)
-    probs = torch.tensor([sizes[t] / total for t in tasks])
-    draws = torch.multinomial(probs, steps, replacement=True, generator=generator)
-    return [tasks[i] for i in draws.tolist()]
+    floor = 1 if steps >= len(tasks) else 0
+    counts = {t: max(floor, int(steps * sizes[t] / total)) for t in tasks}
+    by_remainder = sorted(tasks, key=lambda t: steps * sizes[t] / total - int(steps * sizes[t] / total), reverse=True)
+    for t in by_remainder * steps:  # hand out what rounding left, largest remainders first
+        if sum(counts.values()) >= steps:
+            break
+        counts[t] += 1
+    while sum(counts.values()) > steps:  # the floor of one step per task overshot
+        counts[max(counts, key=counts.get)] -= 1
+    order = [t for t in tasks for _ in range(counts[t])]
+    return [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
 
 
 def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: TrainConfig, lr: float,

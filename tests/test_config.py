@@ -31,6 +31,7 @@ def test_overrides_are_typed():
         ("train.local_epochs=1", "exactly one of"),
         ("data.source=hf", "'data.hf_name' is required"),
         ("novalue", "not of the form key=value"),
+        ("train.local_steps=2", "'train.local_steps' must be >= 3"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -73,3 +73,15 @@ def test_identity_errors_name_the_problem(small_run):
 
 def test_auto_device_is_cpu_without_a_gpu():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_step_schedule_shares_steps_by_data_and_trains_every_task():
+    from fedmm.config import TrainConfig
+    from fedmm.training import _schedule
+
+    generator = torch.Generator().manual_seed(0)
+    schedule = _schedule({"a": 900, "b": 90, "c": 10}, TrainConfig(local_steps=30), generator)
+    assert len(schedule) == 30
+    assert {t: schedule.count(t) for t in "abc"} == {"a": 27, "b": 2, "c": 1}
+    even = _schedule({"a": 5, "b": 5, "c": 5}, TrainConfig(local_steps=4), generator)
+    assert sorted(even.count(t) for t in "abc") == [1, 1, 2]

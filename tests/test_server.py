@@ -1,0 +1,150 @@
+"""The server loop and strategies on an in-process grid: bad replies, plain Flower strategies, sampling."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, Error, Message
+from flwr.serverapp.strategy import FedAvg
+from local_grid import LocalGrid, as_reply
+from safetensors.numpy import load_file
+
+import fedmm.model
+from client_apps.app import make_client_app
+from fedmm import protocol
+from fedmm.config import ConfigError, load_config
+from server_app.runner import build_strategy, run_federation
+from strategies import ComponentFedAvg, NodeRegistry
+
+FAST = ["clients.num=3", "data.examples_per_task=240", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8"]
+
+
+def fast_run(tmp_path, *extra):
+    return load_config(overrides=[*FAST, f"out={tmp_path / 'out'}", *extra])
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _nan(reply: Message) -> Message:
+    record = reply.content[protocol.ARRAYS]
+    key = next(iter(record.keys()))
+    bad = record[key].numpy().copy()
+    bad[0] = np.nan
+    record[key] = Array(bad)
+    return reply
+
+
+def _wrong_shape(reply: Message) -> Message:
+    record = reply.content[protocol.ARRAYS]
+    key = next(iter(record.keys()))
+    record[key] = Array(np.zeros(3, np.float32))
+    return reply
+
+
+def _extra_key(reply: Message) -> Message:
+    reply.content[protocol.ARRAYS]["encoder.audio"] = Array(np.zeros(3, np.float32))
+    return reply
+
+
+def _zero_examples(reply: Message) -> Message:
+    reply.content[protocol.METRICS][protocol.NUM_EXAMPLES] = 0
+    return reply
+
+
+def _error(reply: Message) -> Message:
+    return Message(metadata=reply.metadata, error=Error(code=1, reason="out of memory"))
+
+
+def _float64(reply: Message) -> Message:
+    record = reply.content[protocol.ARRAYS]
+    for key in list(record.keys()):
+        record[key] = Array(record[key].numpy().astype(np.float64))
+    return as_reply(reply, reply.content)
+
+
+@pytest.mark.parametrize("tamper, kind", [(_nan, "non-finite"), (_wrong_shape, "bad-shape"),
+                                          (_extra_key, "unexpected-key"), (_zero_examples, "bad-count"),
+                                          (_error, "client-error"), (_float64, "bad-dtype")])
+def test_a_bad_reply_is_dropped_counted_and_the_round_goes_on(tmp_path, tamper, kind):
+    run = fast_run(tmp_path)
+    grid = LocalGrid(make_client_app(run), 3, tamper={2: tamper})  # partition 2: the multimodal client
+    run_federation(grid, run)
+    rounds = records(tmp_path / "out")
+    for record in rounds[1:]:
+        assert record["train.clients-accepted"] == 2
+        assert record["train.clients-rejected"] == 1
+        assert record[f"train.rejected.{kind}"] == 1
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "round-0002.safetensors"))
+    first = load_file(str(tmp_path / "out" / "checkpoints" / "round-0000.safetensors"))
+    assert all(np.isfinite(v).all() for v in last.values())
+    # The image and text clients still moved their components; only the bad client's own
+    # exclusive component (the vqa head) stayed where it was.
+    assert not np.array_equal(first["heads.img_shape.weight"], last["heads.img_shape.weight"])
+    assert np.array_equal(first["heads.vqa.weight"], last["heads.vqa.weight"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["clients_rejected_total"] == 2
+
+
+def test_clients_receive_only_their_components(tmp_path):
+    run = fast_run(tmp_path, "rounds=1")
+    grid = LocalGrid(make_client_app(run), 3)
+    run_federation(grid, run)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    held = {grid.partition_of[m.metadata.dst_node_id]: set(m.content[protocol.ARRAYS].keys()) for m in train}
+    assert held == {
+        0: {"encoder.image", "fusion.shared", "head.img_shape"},
+        1: {"encoder.text", "fusion.shared", "head.txt_color"},
+        2: {"encoder.image", "encoder.text", "fusion.shared", "head.vqa", "head.img_shape", "head.txt_color"},
+    }
+
+
+def test_the_base_model_loads_once_per_process(tmp_path, monkeypatch):
+    calls = []
+    real = fedmm.model.load_base_encoder
+
+    def counting(modality, cfg, seed):
+        calls.append(modality)
+        return real(modality, cfg, seed)
+
+    monkeypatch.setattr(fedmm.model, "load_base_encoder", counting)
+    run = fast_run(tmp_path, "seed=11", "rounds=3")  # a seed no other test used: a fresh bank
+    run_federation(LocalGrid(make_client_app(run), 3), run)
+    # Server and clients share this process here: 3 rounds x 3 clients x (train + evaluate) messages.
+    assert sorted(calls) == ["image", "text"]
+
+
+def test_a_plain_flower_strategy_runs_when_all_clients_hold_the_same_components(tmp_path):
+    run = fast_run(tmp_path, "strategy.name=flwr.serverapp.strategy.FedAvg",
+                   "clients.profiles.all=img_shape,txt_color,vqa")
+    assert isinstance(build_strategy(run, NodeRegistry(run)), FedAvg)
+    grid = LocalGrid(make_client_app(run), 3, tamper={1: _nan})
+    run_federation(grid, run)
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "round-0002.safetensors"))
+    assert all(np.isfinite(v).all() for v in last.values())  # the NaN reply never reached FedAvg
+
+
+@pytest.mark.parametrize("name, message", [
+    ("flwr.serverapp.strategy.FedAdam", "profiles hold different tasks"),
+    ("flwr.serverapp.strategy.NoSuchStrategy", "cannot be imported"),
+    ("no_such_module.Strategy", "cannot be imported"),
+    ("collections.OrderedDict", "not a Flower Strategy"),
+])
+def test_bad_strategy_names_are_config_errors(tmp_path, name, message):
+    run = fast_run(tmp_path, f"strategy.name={name}")
+    with pytest.raises(ConfigError, match=message):
+        build_strategy(run, NodeRegistry(run))
+
+
+def test_sampling_is_seeded_by_partition_not_node_id(tmp_path):
+    run = fast_run(tmp_path, "clients.num=10", "strategy.fraction_train=0.3", "strategy.min_train_nodes=2")
+    grid = LocalGrid(make_client_app(run), 10)
+    registry = NodeRegistry(run)
+    registry.discover(grid)
+    picks = [tuple(n.partition_id for n in registry.sample(0.3, 2, r)) for r in (1, 1, 2)]
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+    assert picks[0] != picks[2]
+    strategy = build_strategy(run, registry)
+    assert isinstance(strategy, ComponentFedAvg)
