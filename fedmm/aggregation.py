@@ -3,8 +3,7 @@
 The mean streams over the holders' tensors (zero-copy views of the received buffers) with BLAS
 `saxpy`, touching each received value once; no (N, P) copy is made. Non-finite inputs surface as
 non-finite means (weights are positive), so the exact per-client finiteness check runs only when
-something is wrong. `stack_component` builds the (N, P) matrix for code that needs all updates side
-by side (trust scoring).
+something is wrong. `stack_component` builds the (N, P) matrix when all updates must sit side by side.
 """
 
 from __future__ import annotations
@@ -16,16 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg.blas import saxpy
 
-from fedmm.components import ComponentLayout, unflatten
+from fedmm.components import ComponentLayout, flatten, unflatten
 
 
 def stack_component(layout: ComponentLayout, client_arrays: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     """(N, P) float32 matrix: row i is client i's tensors of this component, flattened in layout order."""
     stacked = np.empty((len(client_arrays), layout.size), dtype=np.float32)
     for row, arrays in zip(stacked, client_arrays):
-        for name, offset in zip(layout.names, layout.offsets):
-            flat = arrays[name].reshape(-1)
-            row[offset : offset + flat.size] = flat
+        flatten(layout, arrays, out=row)
     return stacked
 
 
@@ -63,18 +60,14 @@ class ComponentInputs:
 
 
 def aggregate_component(layout: ComponentLayout, inputs: ComponentInputs) -> tuple[dict[str, np.ndarray], list[int]]:
-    """New tensors of one component, and the ids of holders dropped for non-finite values."""
+    """New tensors of one component, or ({}, ids of holders with non-finite values) if there are any.
+
+    With positive weights a non-finite input always yields a non-finite mean, and with normalised
+    weights finite inputs cannot overflow, so the exact per-row check runs only on that signal.
+    """
     weights = np.asarray(inputs.weights, dtype=np.float64)
     mean = streaming_weighted_mean(layout, inputs.arrays, weights)
-    dropped: list[int] = []
-    if not np.isfinite(mean).all():
-        stacked = stack_component(layout, inputs.arrays)
-        bad = nonfinite_rows(stacked)
-        dropped = [inputs.client_ids[i] for i in bad]
-        keep = np.setdiff1d(np.arange(len(weights)), bad)
-        if keep.size == 0:
-            return {}, dropped
-        # With normalised weights each partial sum is bounded by the largest |value|, so finite
-        # inputs cannot overflow: the mean of the remaining rows is finite.
-        mean = weighted_mean(stacked[keep], weights[keep])
-    return unflatten(layout, mean), dropped
+    if np.isfinite(mean).all():
+        return unflatten(layout, mean), []
+    bad = nonfinite_rows(stack_component(layout, inputs.arrays))
+    return {}, [inputs.client_ids[i] for i in bad]

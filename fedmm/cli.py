@@ -17,6 +17,7 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     from flwr.simulation import run_simulation
 
     # The apps are looked up by module name so the core package does not depend on them.
+    importlib.import_module("server_app.runner").check_strategy(run)
     server_app = importlib.import_module("server_app.app").make_server_app(run)
     client_app = importlib.import_module("client_apps.app").make_client_app(run)
     init_args = {"address": ray_address} if ray_address else {}
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO)
-    simulate(run, args.ray_address)
+    try:
+        simulate(run, args.ray_address)
+    except ConfigError as err:
+        print(f"fedmm: config error: {err}", file=sys.stderr)
+        return 2
     if not (out / "summary.json").is_file():
         print("fedmm: the run did not finish (no summary.json); see the log above", file=sys.stderr)
         return 1

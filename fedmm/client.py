@@ -13,19 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data import client_task_splits
 from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
 from fedmm.training import TaskTensors, encode_split, evaluate, lr_at, resolve_device, train_local
 
 
-def profile_names(run: RunConfig) -> list[str]:
-    return list(run.clients.profiles)
-
-
 def assigned_profile(run: RunConfig, partition_id: int) -> str:
     """Client i gets the i-th profile, cycling through them in the order the config lists them."""
-    names = profile_names(run)
+    names = list(run.clients.profiles)
     return names[partition_id % len(names)]
 
 
@@ -56,12 +53,13 @@ _SPLITS: dict[tuple, dict[str, TaskTensors]] = {}
 
 def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, TaskTensors]:
     """Encoded tensors of one split (train / val / test) of each of this client's tasks."""
-    key = (id(module_bank(run)), me.partition_id, me.tasks, split)
+    holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
+    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split)
     if key not in _SPLITS:
         bank = module_bank(run)
         data = {}
         for task in me.tasks:
-            splits = client_task_splits(run, task, task_holders(run, task), me.partition_id)
+            splits = client_task_splits(run, task, list(holders[task]), me.partition_id)
             modalities = bank.specs[task].modalities
             image_size = bank.image_size() if "image" in modalities else 0
             tokenizer = bank.tokenizer() if "text" in modalities else None
@@ -91,8 +89,8 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
             counts[component] += n
     # A component no step touched this round still went through; weight it by the smallest count.
     counts = {c: max(n, 1) for c, n in counts.items()}
-    metrics = {f"train-loss.{t}": v for t, v in result.loss.items()}
-    metrics["train-steps"] = float(result.steps)
+    metrics = {f"{protocol.TRAIN_LOSS_PREFIX}{t}": v for t, v in result.loss.items()}
+    metrics[protocol.TRAIN_STEPS] = float(result.steps)
     return component_vectors(model, components), sum(result.examples.values()), counts, metrics
 
 

@@ -81,8 +81,8 @@ def flat_layouts(sizes: Mapping[str, int]) -> dict[str, ComponentLayout]:
     return {c: ComponentLayout((c,), ((n,),), (0,), n) for c, n in sizes.items()}
 
 
-def flatten(layout: ComponentLayout, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    flat = np.empty(layout.size, dtype=np.float32)
+def flatten(layout: ComponentLayout, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    flat = np.empty(layout.size, dtype=np.float32) if out is None else out
     for name, offset in zip(layout.names, layout.offsets):
         value = arrays[name].reshape(-1)
         flat[offset : offset + value.size] = value

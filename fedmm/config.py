@@ -8,6 +8,7 @@ work, with a message that names the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -128,20 +129,26 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(RunConfig)
 
 
-def _is_list_key(key: str) -> bool:
-    if key.startswith("clients.profiles."):
-        return True
-    node = OmegaConf.select(_schema(), key, default=None)
-    return isinstance(node, ListConfig)
+_SCHEMA = OmegaConf.structured(RunConfig)
 
 
 def _parse_value(key: str, raw: Any) -> Any:
-    """Parse one override value; list-typed keys accept `a,b,c` so flat run-configs can set them."""
-    value = yaml.safe_load(raw) if isinstance(raw, str) and raw.strip() else raw
-    if _is_list_key(key) and not isinstance(value, list):
-        text = "" if value is None else str(raw if isinstance(raw, str) else value)
-        value = [item.strip() for item in text.split(",") if item.strip()]
-    return value
+    """Parse one override value by its field's type.
+
+    String fields keep the text as given (no YAML re-reading: `0755` stays `0755`); list fields accept
+    `a,b,c` so flat run-configs can set them; other fields parse the text as a YAML scalar.
+    """
+    default = None if key.startswith("clients.profiles.") else OmegaConf.select(_SCHEMA, key, default=None)
+    is_list = key.startswith("clients.profiles.") or isinstance(default, ListConfig)
+    if not isinstance(raw, str):
+        return raw
+    if isinstance(default, str):
+        return raw
+    if is_list:
+        if raw.strip().startswith("["):
+            return yaml.safe_load(raw)
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return yaml.safe_load(raw) if raw.strip() else raw
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,6 +297,13 @@ def validate(run: RunConfig) -> None:
             raise ConfigError("config key 'data.hf_num_classes' must be >= 2 when data.source=hf")
         if not (run.data.hf_image_column or run.data.hf_text_column):
             raise ConfigError("set 'data.hf_image_column' or 'data.hf_text_column' when data.source=hf")
+        if not run.data.hf_label_column:
+            raise ConfigError("config key 'data.hf_label_column' must name the label column")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", run.data.hf_task):
+        raise ConfigError(f"config key 'data.hf_task'={run.data.hf_task!r} must be an identifier (letters, digits, _)")
+    for profile in run.clients.profiles:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", profile):
+            raise ConfigError(f"config key 'clients.profiles.{profile}': profile names are letters, digits, _ and -")
     if run.train.local_steps < 0 or run.train.local_epochs < 0:
         raise ConfigError("config keys 'train.local_steps' and 'train.local_epochs' must be >= 0")
     if (run.train.local_steps > 0) == (run.train.local_epochs > 0):
@@ -314,6 +328,13 @@ def validate(run: RunConfig) -> None:
     from fedmm.tasks import task_specs
 
     known = task_specs(run)
+    if run.data.source == "synthetic":
+        names = list(run.clients.profiles)
+        for task in known:
+            holders = sum(task in run.clients.profiles[names[p % len(names)]] for p in range(run.clients.num))
+            if holders and run.data.examples_per_task < 20 * holders:
+                raise ConfigError(f"config key 'data.examples_per_task'={run.data.examples_per_task} is too small: "
+                                  f"{holders} clients hold {task!r}; give each at least 20 examples")
     for profile, tasks in run.clients.profiles.items():
         if not tasks:
             raise ConfigError(f"config key 'clients.profiles.{profile}' lists no task")

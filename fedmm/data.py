@@ -157,7 +157,7 @@ def _to_rgb_array(img: object, image_size: int) -> np.ndarray:
 
 
 def load_hf_task(data: DataConfig, image_size: int) -> Dataset:
-    """Load a Hugging Face dataset by name (hub cache) or local `save_to_disk` folder."""
+    """Load a Hugging Face dataset by name (hub cache) or local `save_to_disk` folder; labels checked."""
     from pathlib import Path
 
     import datasets
@@ -167,7 +167,12 @@ def load_hf_task(data: DataConfig, image_size: int) -> Dataset:
         ds = loaded[data.hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
     else:
         ds = datasets.load_dataset(data.hf_name, split=data.hf_split)
-    return map_hf_columns(ds, data.hf_image_column, data.hf_text_column, data.hf_label_column, image_size)
+    mapped = map_hf_columns(ds, data.hf_image_column, data.hf_text_column, data.hf_label_column, image_size)
+    labels = np.asarray(mapped["label"])
+    if labels.size and (labels.min() < 0 or labels.max() >= data.hf_num_classes):
+        raise ValueError(f"labels of {data.hf_name!r} span {labels.min()}..{labels.max()}, outside "
+                         f"0..{data.hf_num_classes - 1} (data.hf_num_classes={data.hf_num_classes})")
+    return mapped
 
 
 # Per-process caches: a Ray actor serves many virtual clients and must not regenerate data per message.
@@ -187,6 +192,10 @@ def task_dataset(run: RunConfig, task: str) -> Dataset:
     return _DATASETS[key]
 
 
+# Below this a client's share cannot be split into non-empty train / validation / test sets.
+MIN_PARTITION = 10
+
+
 def _partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     if data.partitioner == "iid" or num_partitions == 1:
         return IidPartitioner(num_partitions=num_partitions)
@@ -194,7 +203,7 @@ def _partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitione
         num_partitions=num_partitions,
         partition_by="label",
         alpha=data.dirichlet_alpha,
-        min_partition_size=5,
+        min_partition_size=MIN_PARTITION,
         self_balancing=True,
         seed=seed,
     )
@@ -222,12 +231,15 @@ def client_task_splits(run: RunConfig, task: str, holders: list[int], partition_
         raise ValueError(f"client {partition_id} does not hold task {task!r}")
     partitioner = _task_partitioner(run, task, len(holders))
     part = partitioner.load_partition(holders.index(partition_id))
-    held_out = run.data.val_fraction + run.data.test_fraction
-    first = part.train_test_split(test_size=held_out, seed=run.seed + partition_id, shuffle=True)
-    second = first["test"].train_test_split(
-        test_size=run.data.test_fraction / held_out, seed=run.seed + partition_id, shuffle=True
-    )
-    return ClientSplits(train=first["train"], val=second["train"], test=second["test"])
+    n = len(part)
+    if n < 3:
+        raise ValueError(f"client {partition_id} got {n} examples of {task!r}: too few to split; "
+                         "raise data.examples_per_task or use fewer clients")
+    n_val = max(1, round(n * run.data.val_fraction))
+    n_test = max(1, round(n * run.data.test_fraction))
+    order = np.random.default_rng([run.seed, partition_id]).permutation(n)
+    train, val, test = np.split(order, [n - n_val - n_test, n - n_test])
+    return ClientSplits(train=part.select(train), val=part.select(val), test=part.select(test))
 
 
 def _run_key(run: RunConfig) -> str:

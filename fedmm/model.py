@@ -141,9 +141,10 @@ def module_bank(run: RunConfig) -> ModuleBank:
     return _BANKS[key]
 
 
-def all_tasks_model(run: RunConfig) -> MultiModalModel:
-    """The server's view: every modality and task."""
-    return module_bank(run).model(sorted(task_specs(run)))
+def server_model(run: RunConfig) -> MultiModalModel:
+    """The server's view: every task some profile holds, and the modalities they read."""
+    held = {t for tasks in run.clients.profiles.values() for t in tasks}
+    return module_bank(run).model(sorted(held))
 
 
 # --- trainable state --------------------------------------------------------------------------
@@ -225,6 +226,7 @@ def client_components(tasks: list[str], run: RunConfig) -> list[str]:
 
 
 __all__ = [
-    "MultiModalModel", "ModuleBank", "module_bank", "all_tasks_model", "trainable_state",
-    "load_trainable", "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes", "client_components", "pixel_values",
+    "MultiModalModel", "ModuleBank", "module_bank", "server_model", "trainable_state", "load_trainable",
+    "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
+    "client_components",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 # Record keys (Flower's defaults where Flower has one, so Flower strategies read our replies).
 ARRAYS = "arrays"
@@ -110,18 +110,28 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value <= 0:
+_MAX_COUNT = 2**53  # beyond this float64 weights lose integers; no client trains on that many
+
+
+def _positive_int(value: object, what: str, limit: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not float(value).is_integer() or not 0 < value < _MAX_COUNT):
         raise ReplyError("bad-count", f"{what} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise ReplyError("bad-count", f"{what}={int(value)} exceeds {limit}, the most this round allows")
     return int(value)
 
 
-def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...]],
-                         components: list[str]) -> ClientUpdate:
-    """Check a training reply against the arrays the node was sent; raise ReplyError if unusable.
+TRAIN_STEPS = "train-steps"
 
-    `expected` maps each key the node holds to its shape. Finiteness is checked during aggregation,
-    where it costs nothing extra on the common path (see fedmm.aggregation).
+
+def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...]], components: list[str],
+                         max_examples: int | None = None) -> ClientUpdate:
+    """Check a training reply against the component vectors the node was sent; raise ReplyError if unusable.
+
+    `expected` maps each component the node holds to its shape; `max_examples` bounds the example
+    counts when the server knows it (local steps x batch size). Finiteness of the arrays is checked
+    during aggregation, where it costs nothing extra on the common path (see fedmm.aggregation).
     """
     if message.has_error():
         raise ReplyError("client-error", message.error.reason)
@@ -131,7 +141,7 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     record, metrics = content[ARRAYS], content[METRICS]
     if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
         raise ReplyError("bad-structure", f"{ARRAYS!r} must be an ArrayRecord and {METRICS!r} a MetricRecord")
-    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES)
+    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES, max_examples)
     keys = set(record.keys())
     unexpected = sorted(keys - expected.keys())
     if unexpected:
@@ -139,14 +149,23 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     missing = sorted(expected.keys() - keys)
     if missing:
         raise ReplyError("missing-key", f"{missing[:3]}{' …' if len(missing) > 3 else ''}")
-    arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
     weights = {}
     for component in components:
         count_key = f"{EXAMPLES_PREFIX}{component}"
         if count_key not in metrics:
             raise ReplyError("bad-count", f"missing {count_key!r}")
-        weights[component] = float(_positive_int(metrics[count_key], count_key))
-    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
+    tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
+    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components} | {
+        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks}
+    scalars = {}
+    for key, value in metrics.items():
+        if key not in allowed:
+            raise ReplyError("bad-metric", f"unknown metric {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ReplyError("bad-metric", f"{key} must be a finite number >= 0, got {value!r}")
+        scalars[key] = float(value)
+    arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
     return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
 
 
@@ -158,7 +177,3 @@ def train_reply_content(arrays: Mapping[str, np.ndarray], num_examples: int,
     for key, value in metrics.items():
         record[key] = float(value)
     return RecordDict({ARRAYS: to_array_record(arrays), METRICS: record})
-
-
-def config_record(values: Mapping[str, bool | int | float | str]) -> ConfigRecord:
-    return ConfigRecord(dict(values))

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from fedmm.config import RunConfig, to_dict, to_yaml
 
@@ -32,14 +32,15 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
 
 
-def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    return load_file(str(path))
-
-
 class RunResults:
     def __init__(self, out: str | Path, run: RunConfig) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        # A rerun into the same folder must not leave an earlier run's results looking like its own.
+        for stale in (SUMMARY_FILE, PLOT_FILE):
+            (self.out / stale).unlink(missing_ok=True)
+        for old in (self.out / CHECKPOINTS).glob("round-*.safetensors"):
+            old.unlink()
         (self.out / CONFIG_FILE).write_text(to_yaml(run))
         (self.out / METRICS_FILE).write_text("")
         self.history: list[dict[str, Any]] = []
@@ -47,7 +48,7 @@ class RunResults:
     def log_round(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         with open(self.out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
 
     def checkpoint(self, server_round: int, arrays: dict[str, np.ndarray]) -> None:
         save_checkpoint(checkpoint_path(self.out, server_round), arrays)

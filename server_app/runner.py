@@ -9,7 +9,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -19,12 +19,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedmm import protocol
 from fedmm.config import ConfigError, RunConfig
 from fedmm.components import unflatten
-from fedmm.model import all_tasks_model, component_vectors, parameter_bytes, trainable_layouts
+from fedmm.model import component_vectors, parameter_bytes, server_model, trainable_layouts
 from fedmm.results import RunResults, print_table, summary_dict
 from strategies import ComponentFedAvg, NodeRegistry
-from strategies.component_fedavg import aggregate_replies
-from strategies.evaluation import task_scores
-from strategies.nodes import array_shapes, node_messages
+from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
+from strategies.nodes import array_shapes
 
 
 def _import_strategy(path: str) -> type[Strategy]:
@@ -38,10 +37,17 @@ def _import_strategy(path: str) -> type[Strategy]:
     return cls
 
 
+def _max_examples(run: RunConfig) -> int | None:
+    """The most examples a client can train on in a round, when the config fixes it."""
+    return run.train.local_steps * run.train.batch_size if run.train.local_steps else None
+
+
 def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
+    """The training strategy named by `strategy.name`; a ConfigError if it cannot serve this run."""
     s = run.strategy
     if s.name == "fedmm":
-        return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate)
+        return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate,
+                               _max_examples(run))
     cls = _import_strategy(s.name)
     held = {tuple(sorted(tasks)) for tasks in run.clients.profiles.values()}
     if len(held) > 1:
@@ -49,36 +55,49 @@ def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
             f"config key 'strategy.name'={s.name!r}: a plain Flower strategy sends every client the same "
             f"arrays, but the profiles hold different tasks {sorted(held)}; use strategy.name=fedmm"
         )
-    return cls(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-               min_train_nodes=s.min_train_nodes, min_available_nodes=run.clients.num)
+    try:
+        return cls(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+                   min_train_nodes=s.min_train_nodes, min_available_nodes=run.clients.num)
+    except TypeError as err:
+        raise ConfigError(f"config key 'strategy.name'={s.name!r}: cannot build it with fraction_train, "
+                          f"fraction_evaluate, min_train_nodes, min_available_nodes ({err})") from None
 
 
-def _uplink_bytes(reply) -> int:
-    if reply.has_error():
-        return 0
+def check_strategy(run: RunConfig) -> None:
+    """Fail on a bad `strategy.name` before any work starts."""
+    build_strategy(run, NodeRegistry(run))
+
+
+def _uplink_bytes(reply: Message) -> int:
     return sum(len(a.data) for record in reply.content.array_records.values() for a in record.values())
 
 
-def _prevalidate(run_round: int, replies: list, registry: NodeRegistry, arrays: ArrayRecord) -> list:
-    """For plain Flower strategies: drop replies that fail fedmm's validation before they aggregate."""
+def _prevalidate(server_round: int, replies: list[Message], registry: NodeRegistry, arrays: ArrayRecord,
+                 run: RunConfig) -> tuple[list[Message], MetricRecord]:
+    """For plain Flower strategies: drop replies that fail fedmm's checks before the strategy sees them."""
     sent = {n.node_id: n.components for n in registry.nodes()}
-    result = aggregate_replies(replies, sent, array_shapes(arrays))
-    bad = {node for node, _, _ in result.rejected}
-    for node, _, detail in result.rejected:
-        log(WARNING, "round %d: dropped reply of node %d (%s)", run_round, node, detail)
-    return [r for r in replies if r.metadata.src_node_id not in bad]
+    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), _max_examples(run))
+    for update in accepted:
+        if not all(np.isfinite(v).all() for v in update.arrays.values()):
+            rejected.append((update.node_id, "non-finite", f"node {update.node_id} sent NaN or Inf values"))
+    log_rejections(server_round, rejected)
+    bad = {node for node, _, _ in rejected}
+    kept = [u for u in accepted if u.node_id not in bad]
+    return [r for r in replies if r.metadata.src_node_id not in bad], round_metrics(len(kept), rejected, kept)
 
 
-def evaluate_global(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, server_round: int,
-                    run: RunConfig) -> dict[str, float]:
-    nodes = registry.sample(run.strategy.fraction_evaluate, 1, server_round, salt=1)
-    messages = node_messages(nodes, arrays, {protocol.SERVER_ROUND: server_round}, MessageType.EVALUATE)
-    scores, dropped = task_scores(grid.send_and_receive(messages, timeout=_timeout(run)))
-    for node, reason in dropped:
-        log(WARNING, "round %d: evaluation reply of node %d dropped (%s)", server_round, node, reason)
-    record = {f"global.{t}.{k}": v for t, s in scores.items() for k, v in s.items()}
-    record["evaluate.clients-dropped"] = len(dropped)
-    return record
+def _as_global(new: ArrayRecord, arrays: ArrayRecord, strategy: Strategy) -> ArrayRecord:
+    """A plain strategy's output as fedmm's global record: float32 vectors with the same keys and shapes."""
+    if set(new.keys()) != set(arrays.keys()):
+        raise RuntimeError(f"{type(strategy).__name__} returned components {sorted(new.keys())}, "
+                           f"expected {sorted(arrays.keys())}")
+    out = {}
+    for key in arrays.keys():
+        value = new[key].numpy()
+        if value.shape != tuple(arrays[key].shape) or not np.isfinite(value).all():
+            raise RuntimeError(f"{type(strategy).__name__} returned a bad {key}: shape {value.shape}")
+        out[key] = Array(np.ascontiguousarray(value, dtype=np.float32))
+    return ArrayRecord(out)
 
 
 def _timeout(run: RunConfig) -> float | None:
@@ -93,18 +112,28 @@ def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
     return out
 
 
+def _evaluate(grid: Grid, evaluator: ComponentFedAvg, arrays: ArrayRecord, server_round: int,
+              run: RunConfig) -> dict[str, float]:
+    messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages, timeout=_timeout(run))
+    return dict(evaluator.aggregate_evaluate(server_round, replies) or {})
+
+
 def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     """Run every round and write the results folder; returns the summary."""
     random.seed(run.seed)  # Flower's own strategies sample with `random`
-    model = all_tasks_model(run)
+    registry = NodeRegistry(run)
+    strategy = build_strategy(run, registry)
+    # Evaluation is fedmm's measurement, the same whichever strategy trains.
+    evaluator = strategy if isinstance(strategy, ComponentFedAvg) else ComponentFedAvg(
+        registry, fraction_evaluate=run.strategy.fraction_evaluate)
+    model = server_model(run)
     arrays = protocol.to_array_record(component_vectors(model))
     layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
     results = RunResults(run.out, run)
-    registry = NodeRegistry(run)
     registry.discover(grid)
-    strategy = build_strategy(run, registry)
     strategy.summary()
     uplink: list[int] = []
     console = Console(stderr=True)
@@ -112,7 +141,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                TextColumn("{task.description}")]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("evaluating the initial model", total=run.rounds)
-        record = {"round": 0, **evaluate_global(grid, registry, arrays, 0, run)}
+        record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run)}
         results.log_round(record)
         results.checkpoint(0, _parameters(arrays, layouts))
         for server_round in range(1, run.rounds + 1):
@@ -120,17 +149,22 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             progress.update(bar, description=f"training round {server_round}")
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
+            # Every reply that arrived used the uplink, accepted or not.
             uplink += [_uplink_bytes(r) for r in replies if not r.has_error()]
-            if not isinstance(strategy, ComponentFedAvg):
-                replies = _prevalidate(server_round, replies, registry, arrays)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if isinstance(strategy, ComponentFedAvg):
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            else:
+                replies, checked = _prevalidate(server_round, replies, registry, arrays, run)
+                new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
+                new_arrays = _as_global(new_arrays, arrays, strategy) if new_arrays is not None else None
+                train_metrics = checked
             if new_arrays is not None:
                 arrays = new_arrays
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
             record = {"round": server_round, "train.clients-sampled": len(messages)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
-            record.update(evaluate_global(grid, registry, arrays, server_round, run))
+            record.update(_evaluate(grid, evaluator, arrays, server_round, run))
             record["time.round_s"] = time.monotonic() - start
             results.log_round(record)
             results.checkpoint(server_round, _parameters(arrays, layouts))

@@ -26,16 +26,19 @@ from fedmm.protocol import ClientUpdate, ReplyError
 from strategies.evaluation import task_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
 
+Rejection = tuple[int, str, str]  # (node id, kind, detail)
+
 
 @dataclass
 class AggregateResult:
-    arrays: dict[str, np.ndarray]  # new tensors of every component that had a holder
+    arrays: dict[str, np.ndarray]  # new vectors of every component that had a valid holder
     accepted: list[ClientUpdate]
-    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (node id, kind, detail)
+    rejected: list[Rejection] = field(default_factory=list)
 
 
 def validate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
-                     shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[ClientUpdate], list[tuple[int, str, str]]]:
+                     shapes: Mapping[str, tuple[int, ...]],
+                     max_examples: int | None = None) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Check each reply against the component vectors its node was sent (`shapes` keyed by component)."""
     accepted, rejected = [], []
     for reply in replies:
@@ -45,15 +48,16 @@ def validate_replies(replies: Iterable[Message], node_components: Mapping[int, I
                 raise ReplyError("unknown-node", f"node {node_id} was not sent this round")
             components = list(node_components[node_id])
             expected = {c: shapes[c] for c in components}
-            accepted.append(protocol.validate_train_reply(reply, expected, components))
+            accepted.append(protocol.validate_train_reply(reply, expected, components, max_examples))
         except ReplyError as err:
             rejected.append((node_id, err.kind, str(err)))
     return accepted, rejected
 
 
 def aggregate_updates(updates: list[ClientUpdate], layouts: Mapping[str, ComponentLayout]) -> AggregateResult:
-    """Weighted mean of each component over its holders; drops clients with non-finite tensors."""
-    rejected: list[tuple[int, str, str]] = []
+    """Weighted mean of each component over its holders; a client with a non-finite value anywhere
+    is dropped from every component and the means are taken again without it."""
+    rejected: list[Rejection] = []
     while True:
         out: dict[str, np.ndarray] = {}
         dropped: set[int] = set()
@@ -68,47 +72,51 @@ def aggregate_updates(updates: list[ClientUpdate], layouts: Mapping[str, Compone
             dropped.update(bad)
         if not dropped:
             return AggregateResult(out, updates, rejected)
-        # Drop those clients from every component, not only where the bad values sat.
-        rejected += [(n, "non-finite", f"node {n} sent NaN, Inf or absurdly large values") for n in sorted(dropped)]
+        rejected += [(n, "non-finite", f"node {n} sent NaN or Inf values") for n in sorted(dropped)]
         updates = [u for u in updates if u.node_id not in dropped]
 
 
 def aggregate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
-                      shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
-    """Replies -> validated updates -> new arrays of every component that had a valid holder."""
-    accepted, rejected = validate_replies(replies, node_components, shapes)
+                      shapes: Mapping[str, tuple[int, ...]], max_examples: int | None = None) -> AggregateResult:
+    """Replies -> validated updates -> new vectors of every component that had a valid holder."""
+    accepted, rejected = validate_replies(replies, node_components, shapes, max_examples)
     result = aggregate_updates(accepted, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
     result.rejected = rejected + result.rejected
     return result
 
 
-def train_metrics(updates: list[ClientUpdate], rejected: list[tuple[int, str, str]]) -> MetricRecord:
-    metrics = MetricRecord({"clients-accepted": len(updates), "clients-rejected": len(rejected)})
-    for kind, count in Counter(kind for _, kind, _ in rejected).items():
+def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[ClientUpdate] = ()) -> MetricRecord:
+    """Accepted / rejected counts (by kind) and the mean training loss per task."""
+    metrics = MetricRecord({"clients-accepted": accepted, "clients-rejected": len(rejected)})
+    for kind, count in sorted(Counter(kind for _, kind, _ in rejected).items()):
         metrics[f"rejected.{kind}"] = count
-    totals: dict[str, list[float]] = {}
-    for u in updates:
-        for key, value in u.metrics.items():
+    losses: dict[str, list[float]] = {}
+    for update in updates:
+        for key, value in update.metrics.items():
             if key.startswith(protocol.TRAIN_LOSS_PREFIX):
-                totals.setdefault(key, []).append(value)
-    for key, values in totals.items():
+                losses.setdefault(key, []).append(value)
+    for key, values in sorted(losses.items()):
         metrics[key] = float(np.mean(values))
     return metrics
+
+
+def log_rejections(server_round: int, rejected: list[Rejection]) -> None:
+    for node_id, _, detail in rejected:
+        log(WARNING, "round %d: dropped reply of node %d (%s)", server_round, node_id, detail)
 
 
 class ComponentFedAvg(Strategy):
     """Per-component weighted FedAvg for clients with different modality-task profiles."""
 
     def __init__(self, registry: NodeRegistry, fraction_train: float = 1.0, min_train_nodes: int = 2,
-                 fraction_evaluate: float = 1.0, reply_timeout: float | None = None) -> None:
+                 fraction_evaluate: float = 1.0, max_examples: int | None = None) -> None:
         self.registry = registry
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
-        self.reply_timeout = reply_timeout
+        self.max_examples = max_examples
         self._arrays: ArrayRecord | None = None
         self._sent: dict[int, tuple[str, ...]] = {}
-        self.last_rejected: list[tuple[int, str, str]] = []
 
     def summary(self) -> None:
         log(INFO, "\t├──> ComponentFedAvg: fraction_train %.2f, min_train_nodes %d, fraction_evaluate %.2f",
@@ -129,27 +137,17 @@ class ComponentFedAvg(Strategy):
         if self._arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
         # Partition order, not arrival order: a seeded run sums in the same order every time.
-        replies = sorted(replies, key=lambda r: self._order(r.metadata.src_node_id))
-        result = aggregate_replies(replies, self._sent, array_shapes(self._arrays))
-        missing = len(self._sent) - len(replies)
-        for node_id, kind, detail in result.rejected:
-            log(WARNING, "round %d: dropped reply of node %d (%s)", server_round, node_id, detail)
-        if missing:
-            log(WARNING, "round %d: %d sampled nodes did not reply in time", server_round, missing)
-        self.last_rejected = result.rejected
-        metrics = train_metrics(result.accepted, result.rejected)
-        metrics["clients-missing"] = missing
+        rank = self.registry.order()
+        replies = sorted(replies, key=lambda r: (rank.get(r.metadata.src_node_id, -1), r.metadata.src_node_id))
+        result = aggregate_replies(replies, self._sent, array_shapes(self._arrays), self.max_examples)
+        log_rejections(server_round, result.rejected)
+        metrics = round_metrics(len(result.accepted), result.rejected, result.accepted)
+        metrics["clients-missing"] = len(self._sent) - len(replies)
         if not result.arrays:
             return None, metrics
         merged = {k: self._arrays[k] for k in self._arrays.keys()}
         merged.update({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
         return ArrayRecord(merged), metrics
-
-    def _order(self, node_id: int) -> tuple[int, int]:
-        try:
-            return (self.registry.info(node_id).partition_id, node_id)
-        except KeyError:
-            return (-1, node_id)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -160,9 +158,12 @@ class ComponentFedAvg(Strategy):
         return node_messages(nodes, arrays, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        scores, _ = task_scores(replies)
-        metrics = MetricRecord()
+        node_tasks = {n.node_id: n.tasks for n in self.registry.nodes()}
+        scores, dropped = task_scores(replies, node_tasks, self.registry.order())
+        for node, reason in dropped:
+            log(WARNING, "round %d: evaluation reply of node %d dropped (%s)", server_round, node, reason)
+        metrics = MetricRecord({"evaluate.clients-dropped": len(dropped)})
         for task, score in scores.items():
-            metrics[f"accuracy.{task}"] = score["accuracy"]
-            metrics[f"loss.{task}"] = score["loss"]
+            for key, value in score.items():
+                metrics[f"global.{task}.{key}"] = value
         return metrics

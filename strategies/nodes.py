@@ -18,6 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmm import protocol
+from fedmm.client import assigned_profile
 from fedmm.config import RunConfig
 from fedmm.model import client_components
 
@@ -43,7 +44,11 @@ class NodeRegistry:
         return self._nodes[node_id]
 
     def nodes(self) -> list[NodeInfo]:
-        return sorted(self._nodes.values(), key=lambda n: n.partition_id)
+        return sorted(self._nodes.values(), key=lambda n: (n.partition_id, n.node_id))
+
+    def order(self) -> dict[int, int]:
+        """node id -> partition id, the order replies are combined in."""
+        return {n.node_id: n.partition_id for n in self._nodes.values()}
 
     def discover(self, grid: Grid, timeout: float = 300.0) -> None:
         """Wait for `clients.num` nodes, then learn each unknown node's partition and profile."""
@@ -54,7 +59,8 @@ class NodeRegistry:
             time.sleep(1.0)
         unknown = [n for n in node_ids if n not in self._nodes]
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
+        for reply in replies:
             try:
                 self._register(reply)
             except (ValueError, KeyError, TypeError) as err:
@@ -67,9 +73,15 @@ class NodeRegistry:
             raise ValueError(reply.error.reason)
         record = reply.content[protocol.PROFILE]
         profile = str(record[protocol.PROFILE])
-        if profile not in self.run.clients.profiles:
-            raise ValueError(f"unknown profile {profile!r}")
-        partition_id = int(record[protocol.PARTITION_ID])
+        partition_id = record[protocol.PARTITION_ID]
+        if isinstance(partition_id, bool) or not isinstance(partition_id, int):
+            raise ValueError(f"partition id {partition_id!r} is not an integer")
+        if not 0 <= partition_id < self.run.clients.num:
+            raise ValueError(f"partition id {partition_id} outside 0..{self.run.clients.num - 1}")
+        if partition_id in {n.partition_id for n in self._nodes.values()}:
+            raise ValueError(f"partition id {partition_id} is already taken by another node")
+        if profile != assigned_profile(self.run, partition_id):
+            raise ValueError(f"profile {profile!r} is not the one partition {partition_id} has")
         tasks = tuple(self.run.clients.profiles[profile])
         if str(record[protocol.TASKS]) != ",".join(tasks):
             raise ValueError(f"tasks {record[protocol.TASKS]!r} disagree with profile {profile!r}")

@@ -25,7 +25,8 @@ class LocalGrid(Grid):
                        state=RecordDict(), run_config={})
             for n, p in self.partition_of.items()
         }
-        self.tamper = tamper or {}  # partition id -> function applied to that node's replies
+        self.tamper = tamper or {}  # partition id -> function applied to that node's train replies
+        self.tamper_evaluate: dict[int, Tamper] = {}  # the same for evaluate replies
         self.sent: list[Message] = []
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
@@ -61,6 +62,8 @@ class LocalGrid(Grid):
             partition = self.partition_of[node]
             if partition in self.tamper and message.metadata.message_type == "train":
                 reply = self.tamper[partition](reply)
+            if partition in self.tamper_evaluate and message.metadata.message_type == "evaluate":
+                reply = self.tamper_evaluate[partition](reply)
             replies.append(reply)
         return replies
 

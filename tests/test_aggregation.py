@@ -102,7 +102,8 @@ def test_stacking_follows_the_layout():
     np.testing.assert_array_equal(stacked[0, :5], np.arange(5))
 
 
-def test_all_clients_bad_gives_no_arrays():
+def test_a_component_with_bad_holders_names_exactly_them():
     layout = component_layouts({"fusion.w": (3,)})["fusion.shared"]
-    out, dropped = aggregate_component(layout, ComponentInputs([1, 2], [{"fusion.w": np.full(3, np.nan, np.float32)}] * 2, [1, 1]))
-    assert out == {} and dropped == [1, 2]
+    good, bad = np.ones(3, np.float32), np.array([1, np.inf, 1], np.float32)
+    out, dropped = aggregate_component(layout, ComponentInputs([1, 2, 3], [{"fusion.w": v} for v in (good, bad, good)], [1, 1, 1]))
+    assert out == {} and dropped == [2]

@@ -8,7 +8,7 @@ from fedmm.components import (
     components_on_path,
     group_by_component,
 )
-from fedmm.model import all_tasks_model, client_components, module_bank, trainable_state
+from fedmm.model import server_model, client_components, module_bank, trainable_state
 from fedmm.tasks import SYNTHETIC_TASKS
 
 
@@ -40,7 +40,7 @@ def test_components_follow_the_tasks():
 
 
 def test_every_trainable_tensor_has_one_component_and_frozen_ones_are_never_sent(small_run):
-    model = all_tasks_model(small_run)
+    model = server_model(small_run)
     state = trainable_state(model)
     groups = group_by_component(state)
     assert set(groups) == {"encoder.image", "encoder.text", FUSION, "head.img_shape", "head.txt_color", "head.vqa"}

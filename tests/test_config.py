@@ -32,6 +32,8 @@ def test_overrides_are_typed():
         ("data.source=hf", "'data.hf_name' is required"),
         ("novalue", "not of the form key=value"),
         ("train.local_steps=2", "'train.local_steps' must be >= 3"),
+        ("data.hf_task=my.task", "'data.hf_task'"),
+        ("clients.profiles.a+b=vqa", "profile names"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -96,3 +98,8 @@ def test_the_readme_config_reference_lists_every_key_with_its_default():
         assert key in rows, f"README config reference lacks {key}"
         shown = rows[key].strip().strip("`").strip("'")
         assert shown == ("" if value == "" else str(value)), (key, shown, value)
+
+
+def test_string_values_are_kept_as_written():
+    run = load_config(overrides=["model.text_encoder=0x1F", "data.hf_split=2024-01-01", "data.hf_name=on"])
+    assert run.model.text_encoder == "0x1F" and run.data.hf_split == "2024-01-01" and run.data.hf_name == "on"

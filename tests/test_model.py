@@ -9,7 +9,7 @@ from fedmm.encoders import add_lora, load_base_encoder
 from fedmm.model import (
     ModuleBank,
     StateKeyError,
-    all_tasks_model,
+    server_model,
     client_components,
     component_vectors,
     load_component_vectors,
@@ -42,7 +42,7 @@ def test_the_bank_builds_each_encoder_once_per_process(small_run):
 
 
 def test_forward_gives_logits_per_task(small_run):
-    model = all_tasks_model(small_run)
+    model = server_model(small_run)
     bank = module_bank(small_run)
     images = torch.zeros(3, 3, 32, 32)
     text = bank.tokenizer()(["a red circle", "where is it", ""])
@@ -96,7 +96,7 @@ def test_loaded_arrays_reach_the_parameters(small_run):
 
 
 def test_full_model_bytes_count_frozen_weights(small_run):
-    model = all_tasks_model(small_run)
+    model = server_model(small_run)
     trainable = sum(v.nbytes for v in trainable_state(model).values())
     assert parameter_bytes(model) > 5 * trainable
 

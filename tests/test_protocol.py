@@ -25,7 +25,7 @@ def good_arrays():
 def good_content(**changes):
     arrays = changes.pop("arrays", good_arrays())
     counts = changes.pop("counts", {"encoder.image": 5, "fusion.shared": 5})
-    content = protocol.train_reply_content(arrays, changes.pop("num_examples", 5), counts, {"train-loss.vqa": 1.0})
+    content = protocol.train_reply_content(arrays, changes.pop("num_examples", 5), counts, {"train-steps": 1.0})
     return content
 
 
@@ -99,6 +99,11 @@ BAD = {
     "bad-count-component": lambda: reply(good_content(counts={"encoder.image": 5})),
     "bad-structure": lambda: reply(RecordDict({"other": ArrayRecord(), protocol.METRICS: MetricRecord()})),
     "bad-structure-config": lambda: reply(_extra_config()),
+    "bad-count-huge": lambda: reply(_metric(protocol.NUM_EXAMPLES, 1e300)),
+    "bad-count-component-above-total": lambda: reply(good_content(counts={"encoder.image": 6, "fusion.shared": 5})),
+    "bad-metric-unknown": lambda: reply(_metric("accuracy.vqa", 0.5)),
+    "bad-metric-nan": lambda: reply(_metric("train-loss.vqa", float("nan"))),
+    "bad-metric-negative": lambda: reply(_metric("train-steps", -1.0)),
 }
 
 
@@ -113,3 +118,9 @@ def test_each_bad_reply_kind_is_rejected_with_its_reason(case):
     with pytest.raises(ReplyError) as err:
         validate_train_reply(BAD[case](), SHAPES, COMPONENTS)
     assert err.value.kind == case.split("-")[0] + "-" + case.split("-")[1]
+
+
+def test_counts_above_what_the_round_allows_are_rejected():
+    with pytest.raises(ReplyError, match="exceeds 4"):
+        validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, max_examples=4)
+    assert validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, max_examples=5).num_examples == 5

@@ -148,3 +148,58 @@ def test_sampling_is_seeded_by_partition_not_node_id(tmp_path):
     assert picks[0] != picks[2]
     strategy = build_strategy(run, registry)
     assert isinstance(strategy, ComponentFedAvg)
+
+
+def test_fedadam_on_a_single_task_federation(tmp_path):
+    # FedAdam returns float64 arrays under NumPy 2: the server keeps its global vectors float32.
+    run = fast_run(tmp_path, "strategy.name=flwr.serverapp.strategy.FedAdam", "clients.profiles.all=img_shape")
+    summary = run_federation(LocalGrid(make_client_app(run), 3), run)
+    assert set(k for k in summary if k.startswith("final.global.")) >= {"final.global.img_shape.accuracy"}
+    last = load_file(str(tmp_path / "out" / "checkpoints" / "round-0002.safetensors"))
+    assert all(v.dtype == np.float32 for v in last.values())
+    assert not any(k.startswith("encoders.text") for k in last)
+
+
+def test_a_node_claiming_a_taken_partition_is_left_out(tmp_path):
+    run = fast_run(tmp_path)
+    grid = LocalGrid(make_client_app(run), 3)
+    twin = next(n for n, p in grid.partition_of.items() if p == 1)
+    grid.partition_of[twin + 1] = 1  # a second node started with partition-id 1
+    grid.contexts[twin + 1] = grid.contexts[twin]
+    registry = NodeRegistry(run)
+    registry.discover(grid)
+    assert sorted(n.partition_id for n in registry.nodes()) == [0, 1, 2]
+
+
+def _lying_evaluation(reply: Message) -> Message:
+    metrics = reply.content[protocol.METRICS]
+    task = next(k for k in metrics.keys() if k.startswith("count.")).split(".", 1)[1]
+    metrics[f"count.{task}"] = 10**12
+    metrics[f"correct.{task}"] = 10**12
+    return reply
+
+
+def test_bad_evaluation_replies_are_dropped(tmp_path):
+    run = fast_run(tmp_path, "rounds=1")
+    grid = LocalGrid(make_client_app(run), 3)
+    grid.tamper_evaluate = {0: _lying_evaluation}
+    run_federation(grid, run)
+    rounds = records(tmp_path / "out")
+    assert all(r["evaluate.clients-dropped"] == 1 for r in rounds)
+    assert all(r["global.img_shape.accuracy"] < 0.9 for r in rounds)
+
+
+def test_a_rerun_into_the_same_folder_never_keeps_old_results(tmp_path):
+    run = fast_run(tmp_path, "rounds=1")
+    run_federation(LocalGrid(make_client_app(run), 3), run)
+    assert (tmp_path / "out" / "summary.json").exists()
+    bad = fast_run(tmp_path, "rounds=1", "strategy.name=flwr.serverapp.strategy.FedAdam")
+    with pytest.raises(ConfigError):
+        run_federation(LocalGrid(make_client_app(bad), 3), bad)
+    assert (tmp_path / "out" / "summary.json").exists()  # refused before touching the folder
+    again = fast_run(tmp_path, "rounds=1", "seed=5")
+    from fedmm.results import RunResults
+
+    RunResults(again.out, again)
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.safetensors"))
