@@ -50,13 +50,21 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         cfg = config(context)
         me = client.identify(cfg, context.node_config)
-        scores = client.evaluate_model(cfg, me, _decode(message))
-        metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in scores.values())})
-        for task, score in scores.items():
-            metrics[f"{protocol.CORRECT_PREFIX}{task}"] = score.correct
-            metrics[f"{protocol.COUNT_PREFIX}{task}"] = score.count
-            metrics[f"{protocol.LOSS_SUM_PREFIX}{task}"] = score.loss_sum
+        global_scores, personal_scores = client.evaluate_model(cfg, me, _decode(message))
+        metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in global_scores.values())})
+        for prefix, scores in (("", global_scores), (protocol.PERSONAL_PREFIX, personal_scores)):
+            for task, score in scores.items():
+                metrics[f"{prefix}{protocol.CORRECT_PREFIX}{task}"] = score.correct
+                metrics[f"{prefix}{protocol.COUNT_PREFIX}{task}"] = score.count
+                metrics[f"{prefix}{protocol.LOSS_SUM_PREFIX}{task}"] = score.loss_sum
         return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+
+    @app.train("distill")
+    def distill(message: Message, context: Context) -> Message:
+        cfg = config(context)
+        me = client.identify(cfg, context.node_config)
+        metrics = client.distill(cfg, me, _decode(message))
+        return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
 
     return app
 

@@ -7,17 +7,32 @@ module bank, so neither base weights nor data are rebuilt per message.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fedmm import protocol
-from fedmm.config import RunConfig
+from fedmm.config import RunConfig, TrainConfig
 from fedmm.data import client_task_splits
 from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
-from fedmm.training import TaskTensors, encode_split, evaluate, lr_at, resolve_device, train_local
+from fedmm.personalization import parse_margins, replace_paths, tasks_to_replace
+from fedmm.state_store import ClientStateStore
+from fedmm.training import (
+    Distillation,
+    TaskScore,
+    TaskTensors,
+    TrainResult,
+    encode_split,
+    evaluate,
+    lr_at,
+    predict_logits,
+    resolve_device,
+    train_local,
+)
 
 
 def assigned_profile(run: RunConfig, partition_id: int) -> str:
@@ -68,22 +83,63 @@ def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, Tas
     return _SPLITS[key]
 
 
-def _seed(run: RunConfig, me: ClientIdentity, server_round: int) -> int:
-    return zlib.crc32(f"{run.seed}:{me.partition_id}:{server_round}".encode())
+def _seed(run: RunConfig, me: ClientIdentity, server_round: int, stage: str = "global") -> int:
+    return zlib.crc32(f"{run.seed}:{me.partition_id}:{server_round}:{stage}".encode())
+
+
+def _steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    return dataclasses.replace(cfg, local_steps=steps, local_epochs=0.0)
+
+
+def state_store(run: RunConfig, me: ClientIdentity) -> ClientStateStore:
+    """This client's store: `personal.state_dir` (or <out>/client_state), keyed by a stable client id."""
+    root = run.personal.state_dir or str(Path(run.out) / "client_state")
+    return ClientStateStore(root, f"client-{me.partition_id}")
+
+
+def _losses(scores: Mapping[str, TaskScore]) -> dict[str, float]:
+    return {t: s.loss for t, s in scores.items()}
+
+
+class _Session:
+    """One message's view of this client: its model, components, data and device."""
+
+    def __init__(self, run: RunConfig, me: ClientIdentity) -> None:
+        self.run, self.me = run, me
+        self.components = client_components(list(me.tasks), run)
+        self.model = module_bank(run).model(list(me.tasks))
+        self.device = resolve_device(run.train.device)
+
+    def load(self, vectors: Mapping[str, np.ndarray]) -> None:
+        load_component_vectors(self.model, dict(vectors), self.components)
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        return component_vectors(self.model, self.components)
+
+    def train(self, cfg: TrainConfig, lr: float, seed: int, distill: Distillation | None = None) -> TrainResult:
+        return train_local(self.model, client_data(self.run, self.me, "train"), cfg, lr, seed, self.device, distill)
+
+    def scores(self, split: str) -> dict[str, TaskScore]:
+        return evaluate(self.model, client_data(self.run, self.me, split), 2 * self.run.train.batch_size,
+                        self.device, self.run.train.precision)
+
+    def criterion_losses(self, result: TrainResult) -> dict[str, float]:
+        """Per-task loss the replacement rule compares: held-out validation loss, or training loss."""
+        if self.run.personal.criterion == "train":
+            return dict(result.loss)
+        return _losses(self.scores("val"))
 
 
 def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], server_round: int):
-    """Load the received component vectors (strictly), train locally.
+    """Load the received component vectors (strictly), train locally; then update the personal model.
 
     Returns (component vectors, examples trained on, examples per component, metrics).
     """
-    components = client_components(list(me.tasks), run)
-    model = module_bank(run).model(list(me.tasks))
-    load_component_vectors(model, dict(arrays), components)
-    device = resolve_device(run.train.device)
-    result = train_local(model, client_data(run, me, "train"), run.train,
-                         lr_at(server_round, run.rounds, run.train), _seed(run, me, server_round), device)
-    counts = dict.fromkeys(components, 0)
+    s = _Session(run, me)
+    s.load(arrays)
+    lr = lr_at(server_round, run.rounds, run.train)
+    result = s.train(run.train, lr, _seed(run, me, server_round))
+    counts = dict.fromkeys(s.components, 0)
     for task, n in result.examples.items():
         for component in client_components([task], run):
             counts[component] += n
@@ -91,13 +147,83 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
     counts = {c: max(n, 1) for c, n in counts.items()}
     metrics = {f"{protocol.TRAIN_LOSS_PREFIX}{t}": v for t, v in result.loss.items()}
     metrics[protocol.TRAIN_STEPS] = float(result.steps)
-    return component_vectors(model, components), sum(result.examples.values()), counts, metrics
+    trained = s.vectors()
+    if run.personal.method in STATEFUL_METHODS:
+        replaced = _update_personal(s, arrays, trained, s.criterion_losses(result), lr, server_round)
+        metrics.update({f"{protocol.REPLACED_PREFIX}{t}": float(t in replaced) for t in me.tasks})
+    return trained, sum(result.examples.values()), counts, metrics
 
 
-def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], split: str = "test"):
-    """Per-task scores of the received global tensors on this client's held-out data."""
-    components = client_components(list(me.tasks), run)
-    model = module_bank(run).model(list(me.tasks))
-    load_component_vectors(model, dict(arrays), components)
-    device = resolve_device(run.train.device)
-    return evaluate(model, client_data(run, me, split), 2 * run.train.batch_size, device, run.train.precision)
+STATEFUL_METHODS = ("local", "tap_no_distill", "tap")
+
+
+def _update_personal(s: _Session, received: Mapping[str, np.ndarray], trained: dict[str, np.ndarray],
+                     teacher_loss: dict[str, float], lr: float, server_round: int) -> list[str]:
+    """TAP stage 1 (or local-only training): replace per task, train the personal model, store it."""
+    run, me = s.run, s.me
+    store = state_store(run, me)
+    personal = store.load_tensors("personal")
+    meta = store.load_meta()
+    replaced: list[str] = []
+    if personal is None:  # first participation: nothing to compare against, nothing replaced
+        start = module_bank(run).initial_vectors(list(me.tasks)) if run.personal.method == "local" else received
+        personal = {c: np.array(v, copy=True) for c, v in start.items()}
+    elif run.personal.method != "local":
+        margins = parse_margins(run.personal.task_margins, list(me.tasks), run.personal.margin)
+        replaced = tasks_to_replace(teacher_loss, meta.get("personal_loss"), margins)
+        personal = replace_paths(personal, trained, replaced, module_bank(run).specs)
+    s.load(personal)
+    steps = run.personal.steps or run.train.local_steps
+    result = s.train(_steps(run.train, steps), lr, _seed(run, me, server_round, "personal"))
+    store.save_tensors("personal", s.vectors())
+    history = meta.get("replaced", {})
+    history[str(server_round)] = replaced
+    store.save_meta({"personal_loss": s.criterion_losses(result), "participations": meta.get("participations", 0) + 1,
+                     "last_round": server_round, "replaced": history})
+    return replaced
+
+
+def personal_vectors(run: RunConfig, me: ClientIdentity, global_vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The client's personal model as the configured method defines it."""
+    stored = state_store(run, me).load_tensors("personal") if run.personal.method != "fedavg" else None
+    if stored is not None:
+        return stored
+    if run.personal.method == "local":  # a local-only client that never trained holds the initial model
+        return module_bank(run).initial_vectors(list(me.tasks))
+    return dict(global_vectors)
+
+
+def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The post-FL stage: fedavg_ft fine-tunes the final global model into the personal one; tap
+    distills a briefly fine-tuned copy of it (the teacher) into the personal model."""
+    method, p = run.personal.method, run.personal
+    if method not in ("fedavg_ft", "tap"):
+        return {}
+    s = _Session(run, me)
+    s.load(arrays)
+    lr = lr_at(run.rounds, run.rounds, run.train)
+    if p.teacher_steps:
+        s.train(_steps(run.train, p.teacher_steps), lr, _seed(run, me, run.rounds + 1, "teacher"))
+    store = state_store(run, me)
+    if method == "fedavg_ft":
+        store.save_tensors("personal", s.vectors())
+        return {}
+    teacher = predict_logits(s.model, client_data(run, me, "train"), 2 * run.train.batch_size, s.device,
+                             run.train.precision)
+    s.load(personal_vectors(run, me, arrays))
+    kd = Distillation(teacher, p.distill_temperature, p.distill_weight)
+    result = s.train(_steps(run.train, p.distill_steps), lr, _seed(run, me, run.rounds + 1, "distill"), kd)
+    store.save_tensors("personal", s.vectors())
+    return {f"distill-loss.{t}": v for t, v in result.loss.items()}
+
+
+def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray],
+                   split: str = "test") -> tuple[dict[str, TaskScore], dict[str, TaskScore]]:
+    """Per-task scores of the received global model and of this client's personal model."""
+    s = _Session(run, me)
+    s.load(arrays)
+    global_scores = s.scores(split)
+    if run.personal.method == "fedavg":
+        return global_scores, global_scores
+    s.load(personal_vectors(run, me, arrays))
+    return global_scores, s.scores(split)

@@ -106,6 +106,24 @@ class StrategyConfig:
 
 
 @dataclass
+class PersonalConfig:
+    # How each client gets its personal model: fedavg (the global model), fedavg_ft (the final global
+    # model fine-tuned locally), local (trained only on local data), tap_no_distill (TAP's replacement
+    # stage), tap (replacement, then the post-FL distillation stage).
+    method: str = "fedavg"
+    criterion: str = "validation"  # loss compared by the replacement rule: validation | train
+    margin: float = 0.01  # replace when teacher_loss + margin < personal_loss
+    task_margins: str = ""  # per-task margins, e.g. "vqa=0.02,txt_color=0.005"
+    steps: int = 0  # personal-model optimizer steps per participation; 0 means train.local_steps
+    state_dir: str = ""  # client state store; empty means <out>/client_state
+    teacher_steps: int = 10  # fine-tuning of the final global model (the teacher, and fedavg_ft)
+    distill_steps: int = 50
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0
+    distill_batch: int = 0  # clients per distillation message batch; 0 means all at once
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 8
@@ -115,6 +133,7 @@ class RunConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -122,6 +141,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.partitioner": ("iid", "dirichlet"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "personal.method": ("fedavg", "fedavg_ft", "local", "tap_no_distill", "tap"),
+    "personal.criterion": ("validation", "train"),
 }
 
 
@@ -318,6 +339,12 @@ def validate(run: RunConfig) -> None:
     _fraction("strategy.fraction_evaluate", run.strategy.fraction_evaluate)
     _positive("strategy.min_train_nodes", run.strategy.min_train_nodes)
     _positive("strategy.reply_timeout", run.strategy.reply_timeout, allow_zero=True)
+    p = run.personal
+    _positive("personal.margin", p.margin, allow_zero=True)
+    for key in ("steps", "teacher_steps", "distill_steps", "distill_batch"):
+        _positive(f"personal.{key}", getattr(p, key), allow_zero=True)
+    _positive("personal.distill_temperature", p.distill_temperature)
+    _positive("personal.distill_weight", p.distill_weight, allow_zero=True)
     if not run.strategy.name:
         raise ConfigError("config key 'strategy.name' must not be empty")
     most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
@@ -335,6 +362,12 @@ def validate(run: RunConfig) -> None:
             if holders and run.data.examples_per_task < 20 * holders:
                 raise ConfigError(f"config key 'data.examples_per_task'={run.data.examples_per_task} is too small: "
                                   f"{holders} clients hold {task!r}; give each at least 20 examples")
+    from fedmm.personalization import parse_margins
+
+    try:
+        parse_margins(p.task_margins, sorted(known), p.margin)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     for profile, tasks in run.clients.profiles.items():
         if not tasks:
             raise ConfigError(f"config key 'clients.profiles.{profile}' lists no task")

@@ -91,6 +91,14 @@ class ModuleBank:
         self._heads: dict[str, nn.Linear] = {}
         self._fusion: FusionBlock | None = None
         self._tokenizer = None
+        # Trainable tensors as first built (by parameter name): the untrained starting point that
+        # local-only baselines begin from, whatever global model a client later receives.
+        self._initial: dict[str, np.ndarray] = {}
+
+    def _snapshot(self, prefix: str, module: nn.Module) -> None:
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self._initial[f"{prefix}.{name}"] = p.detach().to("cpu", torch.float32).numpy().copy()
 
     def encoder(self, modality: str) -> ModalityEncoder:
         if modality not in self._encoders:
@@ -100,6 +108,7 @@ class ModuleBank:
                 _seeded(self.run.seed, f"lora:{modality}")
                 backbone = add_lora(backbone, m)
                 self._encoders[modality] = ModalityEncoder(modality, backbone, m.fusion_dim)
+            self._snapshot(f"encoders.{modality}", self._encoders[modality])
         return self._encoders[modality]
 
     def fusion(self) -> FusionBlock:
@@ -108,6 +117,7 @@ class ModuleBank:
             with torch.random.fork_rng():
                 _seeded(self.run.seed, "fusion")
                 self._fusion = FusionBlock(m.fusion_dim, m.fusion_layers, m.fusion_heads)
+            self._snapshot("fusion", self._fusion)
         return self._fusion
 
     def head(self, task: str) -> nn.Linear:
@@ -115,11 +125,17 @@ class ModuleBank:
             with torch.random.fork_rng():
                 _seeded(self.run.seed, f"head:{task}")
                 self._heads[task] = nn.Linear(self.run.model.fusion_dim, self.specs[task].num_classes)
+            self._snapshot(f"heads.{task}", self._heads[task])
         return self._heads[task]
 
     def model(self, tasks: list[str] | tuple[str, ...]) -> MultiModalModel:
         encoders = {m: self.encoder(m) for m in profile_modalities(tasks, self.specs)}
         return MultiModalModel(encoders, self.fusion(), {t: self.head(t) for t in tasks}, self.specs)
+
+    def initial_vectors(self, tasks: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Component vectors of `tasks`' model as first built, before any training or loading."""
+        layouts = trainable_layouts(self.model(tasks))
+        return {c: flatten(layout, self._initial) for c, layout in layouts.items()}
 
     def tokenizer(self):
         if self._tokenizer is None:

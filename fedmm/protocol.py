@@ -29,6 +29,9 @@ TRAIN_LOSS_PREFIX = "train-loss."  # train-loss.<task>
 CORRECT_PREFIX = "correct."  # correct.<task>, count.<task>, loss-sum.<task> in evaluate replies
 COUNT_PREFIX = "count."
 LOSS_SUM_PREFIX = "loss-sum."
+PERSONAL_PREFIX = "personal."  # personal.correct.<task> etc.: the same scores for the personal model
+REPLACED_PREFIX = "replaced."  # replaced.<task>: 1 when TAP copied that task's path this round
+DISTILL = "train.distill"  # the post-FL distillation message type
 
 DTYPE = np.dtype("<f4")
 _NPY_MAGIC = b"\x93NUMPY"
@@ -157,7 +160,7 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
     tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
     allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components} | {
-        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks}
+        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks}
     scalars = {}
     for key, value in metrics.items():
         if key not in allowed:

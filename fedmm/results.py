@@ -63,7 +63,7 @@ class RunResults:
         fig, ax = plt.subplots(figsize=(6, 4))
         for task in tasks:
             key = f"global.{task}.accuracy"
-            points = [(r["round"], r[key]) for r in self.history if key in r]
+            points = [(r["round"], r[key]) for r in self.history if key in r and "stage" not in r]
             ax.plot(*zip(*points), marker="o", label=task)
         ax.set_xlabel("round")
         ax.set_ylabel("global test accuracy")
@@ -103,8 +103,9 @@ def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: li
     summary["bytes.uplink_fraction_of_full_model"] = summary["bytes.uplink_per_client_round_mean"] / full_model_bytes
     for stage, record in (("initial", first), ("final", last)):
         for key, value in record.items():
-            if key.startswith("global.") and isinstance(value, float) and not math.isnan(value):
+            if key.startswith(("global.", "personal.")) and isinstance(value, float) and not math.isnan(value):
                 summary[f"{stage}.{key}"] = value
+    summary["personal.method"] = run.personal.method
     summary["clients_rejected_total"] = int(sum(r.get("train.clients-rejected", 0) for r in history))
     return summary
 

@@ -13,6 +13,7 @@ from torch import nn
 from fedmm.config import TrainConfig
 from fedmm.encoders import pixel_values
 from fedmm.model import MultiModalModel
+from fedmm.personalization import kd_loss
 
 
 @dataclass
@@ -91,9 +92,21 @@ def _schedule(sizes: dict[str, int], cfg: TrainConfig, generator: torch.Generato
     return [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
 
 
+@dataclass
+class Distillation:
+    """Teacher logits for every training example, and the KD loss's temperature and weight."""
+
+    teacher_logits: dict[str, torch.Tensor]
+    temperature: float
+    weight: float
+
+
 def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: TrainConfig, lr: float,
-                seed: int, device: torch.device) -> TrainResult:
-    """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed."""
+                seed: int, device: torch.device, distill: Distillation | None = None) -> TrainResult:
+    """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed.
+
+    With `distill`, the loss is fedmm.personalization.kd_loss against the teacher's logits.
+    """
     sizes = {t: len(d) for t, d in data.items() if len(d) > 0}
     if not sizes:
         raise ValueError("client has no training examples for any of its tasks")
@@ -116,7 +129,11 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
         inputs, labels = data[task].batch(index, device)
         with autocast_for(device, cfg.precision):
             logits = model(task, inputs)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+        if distill is None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        else:
+            teacher = distill.teacher_logits[task][index].to(device)
+            loss = kd_loss(logits.float(), teacher, labels, distill.temperature, distill.weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -138,8 +155,24 @@ class TaskScore:
     loss_sum: float
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.count if self.count else float("nan")
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+
+@torch.no_grad()
+def predict_logits(model: MultiModalModel, data: dict[str, TaskTensors], batch_size: int, device: torch.device,
+                   precision: str = "auto") -> dict[str, torch.Tensor]:
+    """Logits for every example of every task, in order (the teacher's view for distillation)."""
+    model.to(device).eval()
+    out = {}
+    for task, split in data.items():
+        chunks = []
+        for start in range(0, len(split), batch_size):
+            inputs, _ = split.batch(torch.arange(start, min(start + batch_size, len(split))), device)
+            with autocast_for(device, precision):
+                chunks.append(model(task, inputs).float().cpu())
+        out[task] = torch.cat(chunks) if chunks else torch.zeros(0)
+    return out
 
 
 @torch.no_grad()

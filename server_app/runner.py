@@ -23,7 +23,8 @@ from fedmm.model import component_vectors, parameter_bytes, server_model, traina
 from fedmm.results import RunResults, print_table, summary_dict
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
-from strategies.nodes import array_shapes
+from strategies.evaluation import EvaluationResult
+from strategies.nodes import array_shapes, node_messages
 
 
 def _import_strategy(path: str) -> type[Strategy]:
@@ -113,10 +114,28 @@ def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
 
 
 def _evaluate(grid: Grid, evaluator: ComponentFedAvg, arrays: ArrayRecord, server_round: int,
-              run: RunConfig) -> dict[str, float]:
+              run: RunConfig) -> EvaluationResult:
     messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     replies = grid.send_and_receive(messages, timeout=_timeout(run))
-    return dict(evaluator.aggregate_evaluate(server_round, replies) or {})
+    return evaluator.pool_evaluation(server_round, replies)
+
+
+def distill_stage(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, run: RunConfig) -> int:
+    """After the last round: every client builds its final personal model (`train.distill`), in batches.
+
+    Returns how many clients failed to.
+    """
+    nodes = registry.nodes()
+    batch = run.personal.distill_batch or len(nodes)
+    failed = 0
+    for start in range(0, len(nodes), batch):
+        messages = node_messages(nodes[start : start + batch], arrays, {protocol.SERVER_ROUND: run.rounds},
+                                 protocol.DISTILL)
+        for reply in grid.send_and_receive(messages, timeout=_timeout(run)):
+            if reply.has_error():
+                failed += 1
+                log(WARNING, "distillation failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
+    return failed
 
 
 def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
@@ -141,7 +160,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                TextColumn("{task.description}")]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("evaluating the initial model", total=run.rounds)
-        record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run)}
+        record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run).record}
         results.log_round(record)
         results.checkpoint(0, _parameters(arrays, layouts))
         for server_round in range(1, run.rounds + 1):
@@ -164,7 +183,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
             record = {"round": server_round, "train.clients-sampled": len(messages)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
-            record.update(_evaluate(grid, evaluator, arrays, server_round, run))
+            record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
             results.log_round(record)
             results.checkpoint(server_round, _parameters(arrays, layouts))
@@ -172,7 +191,13 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                              if k.startswith("global.") and k.endswith(".accuracy"))
             progress.update(bar, completed=server_round, description=accs)
             log(INFO, "round %d: %s", server_round, accs)
+        # The final measurement: every client, after the personalization stage (if the method has one).
+        progress.update(bar, description="personalization stage")
+        failed = distill_stage(grid, registry, arrays, run) if run.personal.method in ("fedavg_ft", "tap") else 0
+        final = _evaluate(grid, ComponentFedAvg(registry, fraction_evaluate=1.0), arrays, run.rounds + 1, run)
+        results.log_round({"round": run.rounds, "stage": "final", "personal.clients-failed": failed, **final.record})
     summary = summary_dict(run, results.history, uplink, full_bytes, trainable_bytes)
+    summary["final.per_client"] = {str(k): v for k, v in sorted(final.per_client.items())}
     results.write_summary(summary)
     results.plot()
     print_table(summary, console)

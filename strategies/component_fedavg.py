@@ -23,7 +23,7 @@ from fedmm import protocol
 from fedmm.aggregation import ComponentInputs, aggregate_component
 from fedmm.components import ComponentLayout, flat_layouts
 from fedmm.protocol import ClientUpdate, ReplyError
-from strategies.evaluation import task_scores
+from strategies.evaluation import EvaluationResult, pool_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
 
 Rejection = tuple[int, str, str]  # (node id, kind, detail)
@@ -158,12 +158,12 @@ class ComponentFedAvg(Strategy):
         return node_messages(nodes, arrays, config, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return MetricRecord(self.pool_evaluation(server_round, replies).record)
+
+    def pool_evaluation(self, server_round: int, replies: Iterable[Message]) -> EvaluationResult:
+        """Global and personal scores per task, pooled over the nodes' replies; bad replies dropped."""
         node_tasks = {n.node_id: n.tasks for n in self.registry.nodes()}
-        scores, dropped = task_scores(replies, node_tasks, self.registry.order())
-        for node, reason in dropped:
+        result = pool_scores(replies, node_tasks, self.registry.order())
+        for node, reason in result.dropped:
             log(WARNING, "round %d: evaluation reply of node %d dropped (%s)", server_round, node, reason)
-        metrics = MetricRecord({"evaluate.clients-dropped": len(dropped)})
-        for task, score in scores.items():
-            for key, value in score.items():
-                metrics[f"global.{task}.{key}"] = value
-        return metrics
+        return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from flwr.app import Message, MetricRecord
 
@@ -19,8 +20,12 @@ def _count(value: object, what: str) -> int:
     return int(value)
 
 
-def parse_scores(reply: Message, tasks: Iterable[str]) -> dict[str, tuple[int, int, float]]:
-    """{task: (correct, count, loss sum)} from one evaluate reply, for exactly the node's own tasks."""
+VIEWS = {"global": "", "personal": protocol.PERSONAL_PREFIX}  # view -> metric key prefix
+
+
+def parse_scores(reply: Message, tasks: Iterable[str]) -> dict[tuple[str, str], tuple[int, int, float]]:
+    """{(view, task): (correct, count, loss sum)} from one evaluate reply, for exactly the node's own
+    tasks, for the global and the personal model."""
     if reply.has_error():
         raise ValueError(reply.error.reason)
     if set(reply.content.keys()) != {protocol.METRICS} or not isinstance(
@@ -28,33 +33,42 @@ def parse_scores(reply: Message, tasks: Iterable[str]) -> dict[str, tuple[int, i
         raise ValueError(f"expected one MetricRecord {protocol.METRICS!r}")
     metrics = reply.content[protocol.METRICS]
     tasks = list(tasks)
-    prefixes = (protocol.CORRECT_PREFIX, protocol.COUNT_PREFIX, protocol.LOSS_SUM_PREFIX)
-    expected = {f"{p}{t}" for p in prefixes for t in tasks} | {protocol.NUM_EXAMPLES}
+    kinds = (protocol.CORRECT_PREFIX, protocol.COUNT_PREFIX, protocol.LOSS_SUM_PREFIX)
+    expected = {f"{v}{k}{t}" for v in VIEWS.values() for k in kinds for t in tasks} | {protocol.NUM_EXAMPLES}
     if set(metrics.keys()) != expected:
         raise ValueError(f"metrics {sorted(set(metrics.keys()) ^ expected)[:4]} do not match the node's tasks")
     scores = {}
-    for task in tasks:
-        n = _count(metrics[f"{protocol.COUNT_PREFIX}{task}"], f"count.{task}")
-        c = _count(metrics[f"{protocol.CORRECT_PREFIX}{task}"], f"correct.{task}")
-        s = metrics[f"{protocol.LOSS_SUM_PREFIX}{task}"]
-        if c > n or isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
-            raise ValueError(f"inconsistent scores for {task}")
-        scores[task] = (c, n, float(s))
+    for view, prefix in VIEWS.items():
+        for task in tasks:
+            n = _count(metrics[f"{prefix}{protocol.COUNT_PREFIX}{task}"], f"{prefix}count.{task}")
+            c = _count(metrics[f"{prefix}{protocol.CORRECT_PREFIX}{task}"], f"{prefix}correct.{task}")
+            s = metrics[f"{prefix}{protocol.LOSS_SUM_PREFIX}{task}"]
+            if c > n or isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+                raise ValueError(f"inconsistent {view} scores for {task}")
+            scores[(view, task)] = (c, n, float(s))
     return scores
 
 
-def task_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[str]],
-                order: Mapping[int, int] | None = None) -> tuple[dict[str, dict[str, float]], list[tuple[int, str]]]:
-    """{task: {accuracy, loss, count}} pooled over clients, and the (node, reason) of dropped replies.
+@dataclass
+class EvaluationResult:
+    record: dict[str, float]  # metrics.jsonl keys: global.<task>.accuracy, personal.<task>.accuracy, ...
+    per_client: dict[int, dict[str, float]]  # partition (or node) -> {"<view>.<task>": accuracy}
+    dropped: list[tuple[int, str]]  # (node, reason)
 
-    Replies are pooled in `order` (node id -> rank, e.g. partition id) so float sums never depend on
-    arrival order.
+
+def pool_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[str]],
+                order: Mapping[int, int] | None = None) -> EvaluationResult:
+    """Pool evaluate replies in `order` (node id -> rank, e.g. partition id), so float sums never depend
+    on arrival order.
+
+    `global.<task>.accuracy` pools every test example (correct / count over clients);
+    `<view>.<task>.client_mean_accuracy` and `personal.<task>.accuracy` average the clients holding the
+    task, each client counting once (how personalization is judged).
     """
-    correct: dict[str, int] = {}
-    count: dict[str, int] = {}
-    loss: dict[str, float] = {}
-    dropped: list[tuple[int, str]] = []
     rank = order or {}
+    totals: dict[tuple[str, str], list[float]] = {}
+    per_client: dict[int, dict[str, float]] = {}
+    dropped: list[tuple[int, str]] = []
     for reply in sorted(replies, key=lambda r: (rank.get(r.metadata.src_node_id, -1), r.metadata.src_node_id)):
         node = reply.metadata.src_node_id
         try:
@@ -64,12 +78,25 @@ def task_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[st
         except (ValueError, KeyError, TypeError) as err:
             dropped.append((node, str(err)))
             continue
-        for task, (c, n, s) in parsed.items():
-            correct[task] = correct.get(task, 0) + c
-            count[task] = count.get(task, 0) + n
-            loss[task] = loss.get(task, 0.0) + s
-    scores = {
-        t: {"accuracy": correct[t] / count[t], "loss": loss[t] / count[t], "count": float(count[t])}
-        for t in sorted(count) if count[t] > 0
-    }
-    return scores, dropped
+        mine = per_client.setdefault(rank.get(node, node), {})
+        for (view, task), (c, n, s) in parsed.items():
+            total = totals.setdefault((view, task), [0, 0, 0.0, 0.0, 0])
+            total[0] += c
+            total[1] += n
+            total[2] += s
+            if n:
+                total[3] += c / n
+                total[4] += 1
+                mine[f"{view}.{task}"] = c / n
+    record: dict[str, float] = {}
+    for (view, task), (c, n, s, acc_sum, clients) in sorted(totals.items()):
+        if not n:
+            continue
+        client_mean = acc_sum / clients
+        if view == "global":
+            record.update({f"global.{task}.accuracy": c / n, f"global.{task}.loss": s / n,
+                           f"global.{task}.count": float(n), f"global.{task}.client_mean_accuracy": client_mean})
+        else:
+            record.update({f"personal.{task}.accuracy": client_mean, f"personal.{task}.loss": s / n})
+    record["evaluate.clients-dropped"] = float(len(dropped))
+    return EvaluationResult(record, per_client, dropped)

@@ -24,8 +24,10 @@ def fast_run(tmp_path, *extra):
     return load_config(overrides=[*FAST, f"out={tmp_path / 'out'}", *extra])
 
 
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def records(out, final: bool = False):
+    """Per-round records of metrics.jsonl (or, with final=True, only the final-stage record)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if ("stage" in r) == final]
 
 
 def _nan(reply: Message) -> Message:
