@@ -19,6 +19,7 @@ from fedmm import protocol
 from fedmm.config import RunConfig, TrainConfig
 from fedmm.data import client_task_splits
 from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.results import CLIENT_STATE
 from fedmm.personalization import parse_margins, replace_paths, tasks_to_replace
 from fedmm.state_store import ClientStateStore
 from fedmm.training import (
@@ -93,7 +94,7 @@ def _steps(cfg: TrainConfig, steps: int) -> TrainConfig:
 
 def state_store(run: RunConfig, me: ClientIdentity) -> ClientStateStore:
     """This client's store: `personal.state_dir` (or <out>/client_state), keyed by a stable client id."""
-    root = run.personal.state_dir or str(Path(run.out) / "client_state")
+    root = run.personal.state_dir or str(Path(run.out) / CLIENT_STATE)
     return ClientStateStore(root, f"client-{me.partition_id}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
 CHECKPOINTS = "checkpoints"
+CLIENT_STATE = "client_state"
 
 
 def checkpoint_path(out: Path, server_round: int) -> Path:
@@ -41,6 +43,8 @@ class RunResults:
             (self.out / stale).unlink(missing_ok=True)
         for old in (self.out / CHECKPOINTS).glob("round-*.safetensors"):
             old.unlink()
+        if not run.personal.state_dir:  # the default store lives here; a fresh run starts without it
+            shutil.rmtree(self.out / CLIENT_STATE, ignore_errors=True)
         (self.out / CONFIG_FILE).write_text(to_yaml(run))
         (self.out / METRICS_FILE).write_text("")
         self.history: list[dict[str, Any]] = []

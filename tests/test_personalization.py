@@ -133,3 +133,13 @@ def test_every_method_reports_global_and_personal_accuracy(tmp_path, method):
         assert summary["final.personal.vqa.accuracy"] == summary["final.global.vqa.client_mean_accuracy"]
     stored = sorted(p.name for p in (tmp_path / "out" / "client_state").glob("client-*"))
     assert stored == ([] if method == "fedavg" else ["client-0", "client-1", "client-2"])
+
+
+def test_a_fresh_run_starts_without_an_earlier_runs_personal_models(tmp_path):
+    from fedmm.results import RunResults
+
+    run = load_config(overrides=[*FAST, "personal.method=tap", f"out={tmp_path}"])
+    me = client.identify(run, {"partition-id": 0})
+    client.state_store(run, me).save_tensors("personal", {"head.img_shape": np.zeros(2, np.float32)})
+    RunResults(run.out, run)
+    assert client.state_store(run, me).load_tensors("personal") is None
