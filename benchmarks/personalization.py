@@ -5,7 +5,8 @@ clients holding one or two modality-task pairs in five profile groups, half of t
 Writes `personalization.md` (per task, per method: mean +- std over seeds of the personal accuracy
 averaged over the clients holding the task) and `personalization.json`, and prints as its last line a
 JSON object with `mean_client_accuracy` per method (each client's mean personal accuracy over its
-tasks, averaged over clients and seeds).
+tasks, averaged over clients and seeds). A method and seed whose folder already holds a finished
+run with the same config is read back, not run again.
 
     python benchmarks/personalization.py --seeds 2 --out results/personalization
 """
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedmm.config import load_config, to_dict  # noqa: E402
 
 METHODS = ("tap", "fedavg", "fedavg_ft", "local", "tap_no_distill")
 TASKS = ("img_shape", "txt_color", "vqa")
@@ -38,14 +42,18 @@ FEDERATION = [
 
 
 def run_one(method: str, seed: int, out: Path, extra: list[str]) -> dict:
+    """One run, or the summary a finished run with exactly this config left in its folder."""
     folder = out / f"{method}-seed{seed}"
-    cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *FEDERATION,
-           f"personal.method={method}", f"seed={seed}", *extra]
+    overrides = [*FEDERATION, f"personal.method={method}", f"seed={seed}", *extra]
+    wanted = to_dict(load_config(overrides=[*overrides, f"out={folder}"]))
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads((folder / "summary.json").read_text())
+    done = folder / "summary.json"
+    if not (done.is_file() and json.loads(done.read_text())["config"] == wanted):
+        cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(done.read_text())
     per_client = summary["final.per_client"]
     client_means = [np.mean([v for k, v in scores.items() if k.startswith("personal.")])
                     for scores in per_client.values()]

@@ -19,9 +19,8 @@ from fedmm import protocol
 from fedmm.config import RunConfig, TrainConfig
 from fedmm.data import client_task_splits
 from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
-from fedmm.results import CLIENT_STATE
 from fedmm.personalization import parse_margins, replace_paths, tasks_to_replace
-from fedmm.state_store import ClientStateStore
+from fedmm.state_store import DEFAULT_FOLDER, ClientStateStore
 from fedmm.training import (
     Distillation,
     TaskScore,
@@ -94,7 +93,7 @@ def _steps(cfg: TrainConfig, steps: int) -> TrainConfig:
 
 def state_store(run: RunConfig, me: ClientIdentity) -> ClientStateStore:
     """This client's store: `personal.state_dir` (or <out>/client_state), keyed by a stable client id."""
-    root = run.personal.state_dir or str(Path(run.out) / CLIENT_STATE)
+    root = run.personal.state_dir or str(Path(run.out) / DEFAULT_FOLDER)
     return ClientStateStore(root, f"client-{me.partition_id}")
 
 

@@ -14,13 +14,13 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from fedmm.config import RunConfig, to_dict, to_yaml
+from fedmm.state_store import DEFAULT_FOLDER
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
 CHECKPOINTS = "checkpoints"
-CLIENT_STATE = "client_state"
 
 
 def checkpoint_path(out: Path, server_round: int) -> Path:
@@ -44,7 +44,7 @@ class RunResults:
         for old in (self.out / CHECKPOINTS).glob("round-*.safetensors"):
             old.unlink()
         if not run.personal.state_dir:  # the default store lives here; a fresh run starts without it
-            shutil.rmtree(self.out / CLIENT_STATE, ignore_errors=True)
+            shutil.rmtree(self.out / DEFAULT_FOLDER, ignore_errors=True)
         (self.out / CONFIG_FILE).write_text(to_yaml(run))
         (self.out / METRICS_FILE).write_text("")
         self.history: list[dict[str, Any]] = []

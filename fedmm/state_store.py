@@ -17,6 +17,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_FOLDER = "client_state"  # under the run's results folder when personal.state_dir is empty
 
 
 class ClientStateStore:
