@@ -195,7 +195,12 @@ def personal_vectors(run: RunConfig, me: ClientIdentity, global_vectors: Mapping
 
 def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     """The post-FL stage: fedavg_ft fine-tunes the final global model into the personal one; tap
-    distills a briefly fine-tuned copy of it (the teacher) into the personal model."""
+    distills a briefly fine-tuned copy of it (the teacher) into the personal model.
+
+    With `personal.distill_gate`, a task is distilled only when the teacher's validation loss beats
+    the personal model's, the same test the replacement rule applies; a weaker teacher would pull
+    the personal model down.
+    """
     method, p = run.personal.method, run.personal
     if method not in ("fedavg_ft", "tap"):
         return {}
@@ -208,13 +213,25 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
     if method == "fedavg_ft":
         store.save_tensors("personal", s.vectors())
         return {}
-    teacher = predict_logits(s.model, client_data(run, me, "train"), 2 * run.train.batch_size, s.device,
-                             run.train.precision)
-    s.load(personal_vectors(run, me, arrays))
-    kd = Distillation(teacher, p.distill_temperature, p.distill_weight)
-    result = s.train(_steps(run.train, p.distill_steps), lr, _seed(run, me, run.rounds + 1, "distill"), kd)
+    data = client_data(run, me, "train")
+    teacher = predict_logits(s.model, data, 2 * run.train.batch_size, s.device, run.train.precision)
+    tasks = list(me.tasks)
+    if p.distill_gate:
+        teacher_loss = _losses(s.scores("val"))
+        s.load(personal_vectors(run, me, arrays))
+        personal_loss = _losses(s.scores("val"))
+        tasks = [t for t in tasks if teacher_loss[t] < personal_loss[t]]
+    else:
+        s.load(personal_vectors(run, me, arrays))
+    metrics = {f"distilled.{t}": float(t in tasks) for t in me.tasks}
+    if not tasks:
+        store.save_tensors("personal", s.vectors())
+        return metrics
+    kd = Distillation({t: teacher[t] for t in tasks}, p.distill_temperature, p.distill_weight)
+    result = train_local(s.model, {t: data[t] for t in tasks}, _steps(run.train, p.distill_steps), lr,
+                         _seed(run, me, run.rounds + 1, "distill"), s.device, kd)
     store.save_tensors("personal", s.vectors())
-    return {f"distill-loss.{t}": v for t, v in result.loss.items()}
+    return metrics | {f"distill-loss.{t}": v for t, v in result.loss.items()}
 
 
 def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray],

@@ -143,3 +143,19 @@ def test_a_fresh_run_starts_without_an_earlier_runs_personal_models(tmp_path):
     client.state_store(run, me).save_tensors("personal", {"head.img_shape": np.zeros(2, np.float32)})
     RunResults(run.out, run)
     assert client.state_store(run, me).load_tensors("personal") is None
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_the_distillation_gate_skips_tasks_whose_teacher_is_no_better(tmp_path, gate):
+    # No teacher fine-tuning and no stored personal model: teacher and student are the same model,
+    # so the teacher is never strictly better and the gate distills nothing.
+    run = load_config(overrides=[*FAST, "personal.method=tap", "personal.teacher_steps=0",
+                                 f"personal.distill_gate={gate}", f"out={tmp_path}"])
+    me = client.identify(run, {"partition-id": 2})
+    model = module_bank(run).model(list(me.tasks))
+    received = component_vectors(model, client_components(list(me.tasks), run))
+    metrics = client.distill(run, me, received)
+    stored = client.state_store(run, me).load_tensors("personal")
+    unchanged = all(np.array_equal(stored[c], received[c]) for c in received)
+    assert all(metrics[f"distilled.{t}"] == float(not gate) for t in me.tasks)
+    assert unchanged == gate
