@@ -170,14 +170,16 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _trainable(model: nn.Module, components: list[str] | None = None) -> dict[str, nn.Parameter]:
+    """Trainable parameters of `components` (or all), by name: the one filter every helper here uses."""
+    wanted = None if components is None else set(components)
+    return {n: p for n, p in model.named_parameters()
+            if p.requires_grad and (wanted is None or component_of(n) in wanted)}
+
+
 def trainable_state(model: nn.Module, components: list[str] | None = None) -> dict[str, np.ndarray]:
     """Trainable tensors (of `components`, or all) as float32 numpy arrays, keyed by parameter name."""
-    wanted = None if components is None else set(components)
-    return {
-        name: p.detach().to("cpu", torch.float32).numpy().copy()
-        for name, p in model.named_parameters()
-        if p.requires_grad and (wanted is None or component_of(name) in wanted)
-    }
+    return {n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in _trainable(model, components).items()}
 
 
 class StateKeyError(KeyError):
@@ -186,8 +188,8 @@ class StateKeyError(KeyError):
 
 def load_trainable(model: nn.Module, arrays: dict[str, np.ndarray], components: list[str]) -> None:
     """Load exactly the trainable tensors of `components`: any missing or unexpected key is an error."""
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad and component_of(n) in set(components)}
+    params = _trainable(model, components)
+    expected = set(params)
     missing, unexpected = sorted(expected - arrays.keys()), sorted(arrays.keys() - expected)
     if missing or unexpected:
         raise StateKeyError(
@@ -204,15 +206,13 @@ def load_trainable(model: nn.Module, arrays: dict[str, np.ndarray], components: 
 
 def trainable_layouts(model: nn.Module, components: list[str] | None = None):
     """Layout of each component's flat vector, from the model's trainable parameters."""
-    wanted = None if components is None else set(components)
-    return component_layouts({n: tuple(p.shape) for n, p in model.named_parameters()
-                              if p.requires_grad and (wanted is None or component_of(n) in wanted)})
+    return component_layouts({n: tuple(p.shape) for n, p in _trainable(model, components).items()})
 
 
 def component_vectors(model: nn.Module, components: list[str] | None = None) -> dict[str, np.ndarray]:
     """The wire format: one flat float32 vector per component."""
     state = trainable_state(model, components)
-    layouts = trainable_layouts(model, components)
+    layouts = component_layouts({n: v.shape for n, v in state.items()})
     return {c: flatten(layout, state) for c, layout in layouts.items()}
 
 
