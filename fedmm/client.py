@@ -101,6 +101,10 @@ def _losses(scores: Mapping[str, TaskScore]) -> dict[str, float]:
     return {t: s.loss for t, s in scores.items()}
 
 
+def _mean(values: Mapping[str, float]) -> float:
+    return float(np.mean(list(values.values())))
+
+
 class _Session:
     """One message's view of this client: its model, components, data and device."""
 
@@ -197,9 +201,11 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
     """The post-FL stage: fedavg_ft fine-tunes the final global model into the personal one; tap
     distills a briefly fine-tuned copy of it (the teacher) into the personal model.
 
-    With `personal.distill_gate`, a task is distilled only when the teacher's validation loss beats
-    the personal model's, the same test the replacement rule applies; a weaker teacher would pull
-    the personal model down.
+    With `personal.distill_gate` the held-out validation split guards both ends: a task is distilled
+    only when the teacher's validation loss beats the personal model's (the test the replacement rule
+    applies), and the distilled student is kept only when its mean validation loss over the client's
+    tasks beats the personal model's; a weaker teacher, or distillation through modules shared with a
+    task that was not distilled, would otherwise pull the personal model down.
     """
     method, p = run.personal.method, run.personal
     if method not in ("fedavg_ft", "tap"):
@@ -216,22 +222,24 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
     data = client_data(run, me, "train")
     teacher = predict_logits(s.model, data, 2 * run.train.batch_size, s.device, run.train.precision)
     tasks = list(me.tasks)
+    personal = personal_vectors(run, me, arrays)
     if p.distill_gate:
         teacher_loss = _losses(s.scores("val"))
-        s.load(personal_vectors(run, me, arrays))
+        s.load(personal)
         personal_loss = _losses(s.scores("val"))
         tasks = [t for t in tasks if teacher_loss[t] < personal_loss[t]]
     else:
-        s.load(personal_vectors(run, me, arrays))
+        s.load(personal)
     metrics = {f"distilled.{t}": float(t in tasks) for t in me.tasks}
     if not tasks:
-        store.save_tensors("personal", s.vectors())
-        return metrics
+        store.save_tensors("personal", personal)
+        return metrics | {"distill-kept": 0.0}
     kd = Distillation({t: teacher[t] for t in tasks}, p.distill_temperature, p.distill_weight)
     result = train_local(s.model, {t: data[t] for t in tasks}, _steps(run.train, p.distill_steps), lr,
                          _seed(run, me, run.rounds + 1, "distill"), s.device, kd)
-    store.save_tensors("personal", s.vectors())
-    return metrics | {f"distill-loss.{t}": v for t, v in result.loss.items()}
+    kept = not p.distill_gate or _mean(_losses(s.scores("val"))) < _mean(personal_loss)
+    store.save_tensors("personal", s.vectors() if kept else personal)
+    return metrics | {"distill-kept": float(kept)} | {f"distill-loss.{t}": v for t, v in result.loss.items()}
 
 
 def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray],

@@ -121,7 +121,7 @@ class PersonalConfig:
     distill_temperature: float = 1.0
     distill_weight: float = 1.0
     distill_batch: int = 0  # clients per distillation message batch; 0 means all at once
-    distill_gate: bool = True  # distill a task only when the teacher's validation loss beats the personal one
+    distill_gate: bool = True  # validation guards distillation: teacher must beat the personal model, student must improve on it
 
 
 @dataclass

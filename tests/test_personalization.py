@@ -159,3 +159,29 @@ def test_the_distillation_gate_skips_tasks_whose_teacher_is_no_better(tmp_path, 
     unchanged = all(np.array_equal(stored[c], received[c]) for c in received)
     assert all(metrics[f"distilled.{t}"] == float(not gate) for t in me.tasks)
     assert unchanged == gate
+
+
+def test_a_distilled_student_that_is_worse_on_validation_is_discarded(tmp_path, monkeypatch):
+    # The personal model is the untrained one; the teacher is trained, so every task is distilled.
+    # The "distillation" here wrecks the student, and the gate must keep the personal model as it was.
+    run = load_config(overrides=[*FAST, "personal.method=tap", "personal.teacher_steps=20", f"out={tmp_path}"])
+    me = client.identify(run, {"partition-id": 2})
+    initial = module_bank(run).initial_vectors(list(me.tasks))
+    client.state_store(run, me).save_tensors("personal", initial)
+    real_train_local = client.train_local
+
+    def wrecking_distillation(model, data, cfg, lr, seed, device, distill=None):
+        if distill is None:  # the teacher's fine-tuning runs for real
+            return real_train_local(model, data, cfg, lr, seed, device)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 50)
+        return real_train_local(model, data, client._steps(cfg, 0), lr, seed, device)
+
+    monkeypatch.setattr(client, "train_local", wrecking_distillation)
+    metrics = client.distill(run, me, initial)
+    assert any(metrics[f"distilled.{t}"] for t in me.tasks)
+    assert metrics["distill-kept"] == 0.0
+    stored = client.state_store(run, me).load_tensors("personal")
+    assert all(np.array_equal(stored[c], initial[c]) for c in initial)
