@@ -50,9 +50,10 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         cfg = config(context)
         me = client.identify(cfg, context.node_config)
-        global_scores, personal_scores = client.evaluate_model(cfg, me, _decode(message))
-        metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in global_scores.values())})
-        for prefix, scores in (("", global_scores), (protocol.PERSONAL_PREFIX, personal_scores)):
+        views = client.evaluate_model(cfg, me, _decode(message))
+        metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in views["global"].values())})
+        for view, scores in views.items():
+            prefix = protocol.VIEW_PREFIXES[view]
             for task, score in scores.items():
                 metrics[f"{prefix}{protocol.CORRECT_PREFIX}{task}"] = score.correct
                 metrics[f"{prefix}{protocol.COUNT_PREFIX}{task}"] = score.count

@@ -16,6 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from fedmm import protocol
+from fedmm.attacks import (
+    columns_of,
+    malicious_clients,
+    measures_backdoor,
+    poison_training_split,
+    resolve_attack,
+    triggered_test_split,
+)
 from fedmm.config import RunConfig, TrainConfig
 from fedmm.data import client_task_splits
 from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
@@ -66,8 +74,25 @@ def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentit
 _SPLITS: dict[tuple, dict[str, TaskTensors]] = {}
 
 
+def _split_columns(run: RunConfig, me: ClientIdentity, task: str, splits, split: str):
+    """One split of one task, as the attack config (simulation only) makes it: a malicious client's
+    training data is poisoned; `backdoor` is the triggered test set that measures the attack."""
+    attack = resolve_attack(run.attack)
+    spec = module_bank(run).specs[task]
+    if split == BACKDOOR_SPLIT:
+        return triggered_test_split(columns_of(splits.test), run.attack, spec.modalities)
+    data = getattr(splits, split)
+    if split == "train" and attack is not None and me.partition_id in malicious_clients(run):
+        return poison_training_split(columns_of(data), attack.data, run.attack, spec.modalities,
+                                     spec.num_classes, _seed(run, me, 0, f"poison.{task}"))
+    return data
+
+
+BACKDOOR_SPLIT = "backdoor"
+
+
 def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, TaskTensors]:
-    """Encoded tensors of one split (train / val / test) of each of this client's tasks."""
+    """Encoded tensors of one split (train / val / test / backdoor) of each of this client's tasks."""
     holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
     key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split)
     if key not in _SPLITS:
@@ -78,7 +103,8 @@ def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, Tas
             modalities = bank.specs[task].modalities
             image_size = bank.image_size() if "image" in modalities else 0
             tokenizer = bank.tokenizer() if "text" in modalities else None
-            data[task] = encode_split(getattr(splits, split), modalities, tokenizer, image_size)
+            data[task] = encode_split(_split_columns(run, me, task, splits, split), modalities, tokenizer,
+                                      image_size)
         _SPLITS[key] = data
     return _SPLITS[key]
 
@@ -243,12 +269,18 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
 
 
 def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray],
-                   split: str = "test") -> tuple[dict[str, TaskScore], dict[str, TaskScore]]:
-    """Per-task scores of the received global model and of this client's personal model."""
+                   split: str = "test") -> dict[str, dict[str, TaskScore]]:
+    """Per-task scores by view: `global` (the received model), `personal` (this client's personal
+    model) and, under a backdoor attack, `backdoor` (the global model on the triggered test inputs,
+    labelled as the target: its accuracy is the attack's success rate)."""
     s = _Session(run, me)
     s.load(arrays)
-    global_scores = s.scores(split)
+    views = {"global": s.scores(split)}
+    if measures_backdoor(run.attack):
+        views["backdoor"] = s.scores(BACKDOOR_SPLIT)
     if run.personal.method == "fedavg":
-        return global_scores, global_scores
-    s.load(personal_vectors(run, me, arrays))
-    return global_scores, s.scores(split)
+        views["personal"] = views["global"]
+    else:
+        s.load(personal_vectors(run, me, arrays))
+        views["personal"] = s.scores(split)
+    return views

@@ -125,6 +125,40 @@ class PersonalConfig:
 
 
 @dataclass
+class AttackConfig:
+    # none, a built-in attack (see fedmm.attacks.ATTACKS), or `module:function` for your own model attack.
+    name: str = "none"
+    fraction: float = 0.0  # share of clients that are malicious (chosen by seed; the defence never sees it)
+    data: str = "auto"  # data poisoning of malicious clients: auto (what the attack uses) | none | backdoor | label_flip
+    target: int = 0  # backdoor target label
+    poison_fraction: float = 0.5  # share of a malicious client's training examples that get the trigger
+    trigger_size: int = 3  # side of the white square patch in the image's bottom-right corner
+    trigger_token: str = "cf"  # word put in front of the text
+    scale: float = 10.0  # scaling: update x scale ...
+    norm_bound: float = 2.0  # ... clipped to norm_bound x its own norm
+    noise_std: float = 1.0  # gaussian: noise std relative to the update's RMS
+    radius: float = 1.0  # euclidean: distance from the benign estimate, relative to its norm
+    min_cosine: float = 0.9  # cosine: least cosine similarity to the benign estimate
+    neurotoxin_keep: float = 0.7  # neurotoxin: share of coordinates (least changed by benign updates) kept
+    boost: float = 1.5  # neurotoxin: factor on the kept coordinates
+    alie_z: float = 0.0  # alie: deviation in stds; 0 derives it from the numbers of clients
+
+
+@dataclass
+class DefenseConfig:
+    name: str = "none"  # none | trust | krum | multikrum | bulyan | median | trimmed_mean | fltrust | flame
+    trusted_fraction: float = 0.5  # trust: top share by score, aggregated outright
+    rejected_fraction: float = 0.2  # trust: bottom share, dropped; the middle is inspected layer-wise
+    pass_early: float = 0.4  # trust: share of layers a suspicious client must pass ...
+    pass_late: float = 0.6  # ... before and after round `late_round`
+    late_round: int = 5
+    warmup_rounds: int = 3  # trust: reputation drops clients only after this many rounds
+    max_relative_norm: float = 100.0  # updates larger than this x the median norm are rejected outright
+    num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
+    trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 8
@@ -135,6 +169,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -144,6 +180,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "personal.method": ("fedavg", "fedavg_ft", "local", "tap_no_distill", "tap"),
     "personal.criterion": ("validation", "train"),
+    "attack.data": ("auto", "none", "backdoor", "label_flip"),
+    "defense.name": ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame"),
 }
 
 
@@ -348,6 +386,7 @@ def validate(run: RunConfig) -> None:
     _positive("personal.distill_weight", p.distill_weight, allow_zero=True)
     if not run.strategy.name:
         raise ConfigError("config key 'strategy.name' must not be empty")
+    _validate_attack_and_defense(run)
     most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
     if 0 < run.train.local_steps < most_tasks:
         raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
@@ -378,3 +417,48 @@ def validate(run: RunConfig) -> None:
                     f"config key 'clients.profiles.{profile}' names unknown task {task!r}; "
                     f"known: {sorted(known)}"
                 )
+
+
+def _validate_attack_and_defense(run: RunConfig) -> None:
+    a, d = run.attack, run.defense
+    if not 0 <= a.fraction < 1:
+        raise ConfigError(f"config key 'attack.fraction' must be in [0, 1), got {a.fraction}")
+    if a.name != "none" and a.fraction == 0:
+        raise ConfigError(f"config key 'attack.name'={a.name!r} needs 'attack.fraction' > 0")
+    for key in ("poison_fraction", "neurotoxin_keep"):
+        _fraction(f"attack.{key}", getattr(a, key))
+    for key in ("scale", "norm_bound", "radius", "boost"):
+        _positive(f"attack.{key}", getattr(a, key))
+    _positive("attack.noise_std", a.noise_std, allow_zero=True)
+    _positive("attack.alie_z", a.alie_z, allow_zero=True)
+    _positive("attack.trigger_size", a.trigger_size)
+    if a.trigger_size > run.model.image_size:
+        raise ConfigError(f"config key 'attack.trigger_size'={a.trigger_size} exceeds model.image_size")
+    if not -1 < a.min_cosine < 1:
+        raise ConfigError(f"config key 'attack.min_cosine' must be in (-1, 1), got {a.min_cosine}")
+    if not re.fullmatch(r"[a-z0-9]+", a.trigger_token):
+        raise ConfigError(f"config key 'attack.trigger_token'={a.trigger_token!r} must be one lower-case word")
+    if a.target < 0:
+        raise ConfigError(f"config key 'attack.target' must be >= 0, got {a.target}")
+    for key in ("trusted_fraction", "rejected_fraction"):
+        if not 0 <= getattr(d, key) < 1:
+            raise ConfigError(f"config key 'defense.{key}' must be in [0, 1), got {getattr(d, key)}")
+    if d.trusted_fraction + d.rejected_fraction > 1 or d.trusted_fraction == 0:
+        raise ConfigError("config keys 'defense.trusted_fraction' (> 0) + 'defense.rejected_fraction' must be <= 1")
+    for key in ("pass_early", "pass_late"):
+        _fraction(f"defense.{key}", getattr(d, key))
+    for key in ("late_round", "warmup_rounds", "num_malicious"):
+        _positive(f"defense.{key}", getattr(d, key), allow_zero=True)
+    _positive("defense.max_relative_norm", d.max_relative_norm)
+    from fedmm.attacks import resolve_attack
+    from fedmm.tasks import task_specs
+
+    attack = resolve_attack(a)
+    if attack is not None and attack.data == "backdoor":
+        specs = task_specs(run)
+        for task in sorted({t for tasks in run.clients.profiles.values() for t in tasks} & specs.keys()):
+            if a.target >= specs[task].num_classes:
+                raise ConfigError(f"config key 'attack.target'={a.target} is not a label of task {task!r} "
+                                  f"({specs[task].num_classes} classes)")
+    if not 0 <= d.trim_fraction < 0.5:
+        raise ConfigError(f"config key 'defense.trim_fraction' must be in [0, 0.5), got {d.trim_fraction}")

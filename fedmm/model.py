@@ -18,7 +18,7 @@ from torch import nn
 
 from fedmm.components import component_layouts, component_of, components_for_tasks, flatten, unflatten
 from fedmm.config import RunConfig
-from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder, pixel_values
+from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
 from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
 
 

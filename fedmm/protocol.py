@@ -30,6 +30,8 @@ CORRECT_PREFIX = "correct."  # correct.<task>, count.<task>, loss-sum.<task> in 
 COUNT_PREFIX = "count."
 LOSS_SUM_PREFIX = "loss-sum."
 PERSONAL_PREFIX = "personal."  # personal.correct.<task> etc.: the same scores for the personal model
+BACKDOOR_PREFIX = "backdoor."  # backdoor.correct.<task> etc.: the global model on triggered test inputs
+VIEW_PREFIXES = {"global": "", "personal": PERSONAL_PREFIX, "backdoor": BACKDOOR_PREFIX}  # evaluate views
 REPLACED_PREFIX = "replaced."  # replaced.<task>: 1 when TAP copied that task's path this round
 DISTILL = "train.distill"  # the post-FL distillation message type
 

@@ -20,6 +20,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
+TRUST_PLOT_FILE = "trust.png"
 CHECKPOINTS = "checkpoints"
 
 
@@ -39,9 +40,9 @@ class RunResults:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         # A rerun into the same folder must not leave an earlier run's results looking like its own.
-        for stale in (SUMMARY_FILE, PLOT_FILE):
+        for stale in (SUMMARY_FILE, PLOT_FILE, TRUST_PLOT_FILE):
             (self.out / stale).unlink(missing_ok=True)
-        for old in (self.out / CHECKPOINTS).glob("round-*.safetensors"):
+        for old in (self.out / CHECKPOINTS).glob("round-*"):
             old.unlink()
         if not run.personal.state_dir:  # the default store lives here; a fresh run starts without it
             shutil.rmtree(self.out / DEFAULT_FOLDER, ignore_errors=True)
@@ -80,6 +81,30 @@ class RunResults:
         plt.close(fig)
         return path
 
+    def plot_trust(self, clients: int, malicious: set[int]) -> Path | None:
+        """Clients x rounds heatmap of trust scores (blank where a client was not scored); malicious
+        clients' rows are marked on the axis (the simulator knows them, the defence does not)."""
+        matrix = trust_matrix(self.history, clients)
+        if matrix.shape[1] == 0:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.5 + 0.35 * matrix.shape[1], 1.5 + 0.22 * clients))
+        image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                          extent=(0.5, matrix.shape[1] + 0.5, clients - 0.5, -0.5))
+        ax.set_yticks(range(clients), [f"{c}{' *' if c in malicious else ''}" for c in range(clients)])
+        ax.set_xlabel("round")
+        ax.set_ylabel("client (* malicious)")
+        fig.colorbar(image, ax=ax, label="trust score")
+        fig.tight_layout()
+        path = self.out / TRUST_PLOT_FILE
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.out / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=_jsonable))
@@ -90,6 +115,33 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def trust_matrix(history: list[dict[str, Any]], clients: int) -> np.ndarray:
+    """clients x rounds trust scores from the rounds' `trust` reports (NaN where a client was not scored)."""
+    rounds = [r for r in history if "trust" in r and "stage" not in r]
+    out = np.full((clients, len(rounds)), math.nan)
+    for j, record in enumerate(rounds):
+        for client, entry in record["trust"].items():
+            if entry.get("trust") is not None and 0 <= int(client) < clients:
+                out[int(client), j] = entry["trust"]
+    return out
+
+
+def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict[str, float]:
+    """Precision and recall of the defence's exclusions over client-rounds: a client-round is flagged
+    when the client's update was not aggregated; positives are the malicious clients' rounds."""
+    flagged = hits = positives = 0
+    for record in history:
+        for client, entry in record.get("trust", {}).items():
+            bad = int(client) in malicious
+            dropped = entry["decision"] != "aggregated"
+            positives += bad
+            flagged += dropped
+            hits += bad and dropped
+    return {"detection.precision": hits / flagged if flagged else math.nan,
+            "detection.recall": hits / positives if positives else math.nan,
+            "detection.client_rounds_flagged": float(flagged), "detection.client_rounds_malicious": float(positives)}
 
 
 def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: list[int],
@@ -107,7 +159,8 @@ def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: li
     summary["bytes.uplink_fraction_of_full_model"] = summary["bytes.uplink_per_client_round_mean"] / full_model_bytes
     for stage, record in (("initial", first), ("final", last)):
         for key, value in record.items():
-            if key.startswith(("global.", "personal.")) and isinstance(value, float) and not math.isnan(value):
+            if (key.startswith(("global.", "personal.", "backdoor.", "attack."))
+                    and isinstance(value, float) and not math.isnan(value)):
                 summary[f"{stage}.{key}"] = value
     summary["personal.method"] = run.personal.method
     summary["clients_rejected_total"] = int(sum(r.get("train.clients-rejected", 0) for r in history))

@@ -31,8 +31,9 @@ class TaskTensors:
 
 
 def encode_split(ds, modalities: tuple[str, ...], tokenizer, image_size: int) -> TaskTensors:
-    """Turn a `datasets.Dataset` split into model-ready tensors (pixels normalised, text tokenised)."""
-    ds = ds.with_format("numpy")
+    """Turn a `datasets.Dataset` split (or a dict of its columns) into model-ready tensors (pixels
+    normalised, text tokenised)."""
+    ds = ds.with_format("numpy") if hasattr(ds, "with_format") else ds
     inputs: dict[str, torch.Tensor] = {}
     if "image" in modalities:
         inputs["pixel_values"] = pixel_values(torch.from_numpy(np.asarray(ds["image"])), image_size)

@@ -17,13 +17,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmm import protocol
+from fedmm.attacks import malicious_clients, resolve_attack
 from fedmm.config import ConfigError, RunConfig
 from fedmm.components import unflatten
 from fedmm.model import component_vectors, parameter_bytes, server_model, trainable_layouts
-from fedmm.results import RunResults, print_table, summary_dict
+from fedmm.results import RunResults, detection_scores, print_table, summary_dict
+from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
 from strategies.evaluation import EvaluationResult
+from strategies.trust_scoring import TrustScoring
 from strategies.nodes import array_shapes, node_messages
 
 
@@ -44,7 +47,17 @@ def _max_examples(run: RunConfig) -> int | None:
 
 
 def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
-    """The training strategy named by `strategy.name`; a ConfigError if it cannot serve this run."""
+    """The training strategy named by `strategy.name`, behind the defence `defense.name`; a
+    ConfigError if they cannot serve this run."""
+    base = _base_strategy(run, registry)
+    if run.defense.name == "none":
+        return base
+    if run.defense.name == "trust":
+        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), _max_examples(run))
+    raise ConfigError(f"config key 'defense.name'={run.defense.name!r} is not available yet")
+
+
+def _base_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
     s = run.strategy
     if s.name == "fedmm":
         return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate,
@@ -105,6 +118,11 @@ def _timeout(run: RunConfig) -> float | None:
     return run.strategy.reply_timeout or None
 
 
+def _vectors(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    shapes = array_shapes(arrays)
+    return {k: protocol.decode_array(arrays[k], k, shapes[k]) for k in arrays.keys()}
+
+
 def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
     """Component vectors -> tensors keyed by parameter name (what checkpoints hold)."""
     out: dict[str, np.ndarray] = {}
@@ -144,7 +162,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     registry = NodeRegistry(run)
     strategy = build_strategy(run, registry)
     # Evaluation is fedmm's measurement, the same whichever strategy trains.
-    evaluator = strategy if isinstance(strategy, ComponentFedAvg) else ComponentFedAvg(
+    inner = strategy.inner if isinstance(strategy, TrustScoring) else strategy
+    evaluator = inner if isinstance(inner, ComponentFedAvg) else ComponentFedAvg(
         registry, fraction_evaluate=run.strategy.fraction_evaluate)
     model = server_model(run)
     arrays = protocol.to_array_record(component_vectors(model))
@@ -154,6 +173,10 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     results = RunResults(run.out, run)
     registry.discover(grid)
     strategy.summary()
+    attack = resolve_attack(run.attack)
+    malicious = malicious_clients(run)
+    malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
+    last_update: dict[str, np.ndarray] | None = None
     uplink: list[int] = []
     console = Console(stderr=True)
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
@@ -170,8 +193,14 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
             # Every reply that arrived used the uplink, accepted or not.
             uplink += [_uplink_bytes(r) for r in replies if not r.has_error()]
-            if isinstance(strategy, ComponentFedAvg):
+            sent = _vectors(arrays)
+            if attack is not None and attack.model is not None:
+                replies = forge_replies(replies, malicious_nodes, attack.model, run.attack, sent, last_update,
+                                        seed=run.seed * 100_003 + server_round)
+            if isinstance(strategy, (ComponentFedAvg, TrustScoring)):
                 new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                if isinstance(strategy, TrustScoring) and not isinstance(strategy.inner, ComponentFedAvg):
+                    new_arrays = _as_global(new_arrays, arrays, strategy.inner) if new_arrays is not None else None
             else:
                 replies, checked = _prevalidate(server_round, replies, registry, arrays, run)
                 new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
@@ -179,10 +208,14 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 train_metrics = checked
             if new_arrays is not None:
                 arrays = new_arrays
+                last_update = {k: v - sent[k] for k, v in _vectors(arrays).items()}
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
             record = {"round": server_round, "train.clients-sampled": len(messages)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
+            if isinstance(strategy, TrustScoring):
+                record["trust"] = {str(p): entry for p, entry in sorted(strategy.last_report.items())}
+                strategy.save_state(results.out / "checkpoints" / f"round-{server_round:04d}.trust.json")
             record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
             results.log_round(record)
@@ -198,6 +231,11 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         results.log_round({"round": run.rounds, "stage": "final", "personal.clients-failed": failed, **final.record})
     summary = summary_dict(run, results.history, uplink, full_bytes, trainable_bytes)
     summary["final.per_client"] = {str(k): v for k, v in sorted(final.per_client.items())}
+    if attack is not None:
+        summary["attack.malicious_clients"] = sorted(malicious)
+    if isinstance(strategy, TrustScoring):
+        summary.update(detection_scores(results.history, malicious))
+        results.plot_trust(run.clients.num, set(malicious))
     results.write_summary(summary)
     results.plot()
     print_table(summary, console)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmm import protocol
+from fedmm.attacks import evaluation_views
 from fedmm.aggregation import ComponentInputs, aggregate_component
 from fedmm.components import ComponentLayout, flat_layouts
 from fedmm.protocol import ClientUpdate, ReplyError
@@ -163,7 +164,7 @@ class ComponentFedAvg(Strategy):
     def pool_evaluation(self, server_round: int, replies: Iterable[Message]) -> EvaluationResult:
         """Global and personal scores per task, pooled over the nodes' replies; bad replies dropped."""
         node_tasks = {n.node_id: n.tasks for n in self.registry.nodes()}
-        result = pool_scores(replies, node_tasks, self.registry.order())
+        result = pool_scores(replies, node_tasks, self.registry.order(), evaluation_views(self.registry.run.attack))
         for node, reason in result.dropped:
             log(WARNING, "round %d: evaluation reply of node %d dropped (%s)", server_round, node, reason)
         return result

@@ -20,12 +20,13 @@ def _count(value: object, what: str) -> int:
     return int(value)
 
 
-VIEWS = {"global": "", "personal": protocol.PERSONAL_PREFIX}  # view -> metric key prefix
+DEFAULT_VIEWS = ("global", "personal")
 
 
-def parse_scores(reply: Message, tasks: Iterable[str]) -> dict[tuple[str, str], tuple[int, int, float]]:
+def parse_scores(reply: Message, tasks: Iterable[str],
+                 views: Iterable[str] = DEFAULT_VIEWS) -> dict[tuple[str, str], tuple[int, int, float]]:
     """{(view, task): (correct, count, loss sum)} from one evaluate reply, for exactly the node's own
-    tasks, for the global and the personal model."""
+    tasks, for each view (global model, personal model, and the backdoor measurement when asked)."""
     if reply.has_error():
         raise ValueError(reply.error.reason)
     if set(reply.content.keys()) != {protocol.METRICS} or not isinstance(
@@ -34,11 +35,12 @@ def parse_scores(reply: Message, tasks: Iterable[str]) -> dict[tuple[str, str], 
     metrics = reply.content[protocol.METRICS]
     tasks = list(tasks)
     kinds = (protocol.CORRECT_PREFIX, protocol.COUNT_PREFIX, protocol.LOSS_SUM_PREFIX)
-    expected = {f"{v}{k}{t}" for v in VIEWS.values() for k in kinds for t in tasks} | {protocol.NUM_EXAMPLES}
+    prefixes = {view: protocol.VIEW_PREFIXES[view] for view in views}
+    expected = {f"{v}{k}{t}" for v in prefixes.values() for k in kinds for t in tasks} | {protocol.NUM_EXAMPLES}
     if set(metrics.keys()) != expected:
         raise ValueError(f"metrics {sorted(set(metrics.keys()) ^ expected)[:4]} do not match the node's tasks")
     scores = {}
-    for view, prefix in VIEWS.items():
+    for view, prefix in prefixes.items():
         for task in tasks:
             n = _count(metrics[f"{prefix}{protocol.COUNT_PREFIX}{task}"], f"{prefix}count.{task}")
             c = _count(metrics[f"{prefix}{protocol.CORRECT_PREFIX}{task}"], f"{prefix}correct.{task}")
@@ -57,13 +59,14 @@ class EvaluationResult:
 
 
 def pool_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[str]],
-                order: Mapping[int, int] | None = None) -> EvaluationResult:
+                order: Mapping[int, int] | None = None, views: Iterable[str] = DEFAULT_VIEWS) -> EvaluationResult:
     """Pool evaluate replies in `order` (node id -> rank, e.g. partition id), so float sums never depend
     on arrival order.
 
     `global.<task>.accuracy` pools every test example (correct / count over clients);
     `<view>.<task>.client_mean_accuracy` and `personal.<task>.accuracy` average the clients holding the
-    task, each client counting once (how personalization is judged).
+    task, each client counting once (how personalization is judged). `backdoor.<task>.success_rate`
+    pools the triggered test inputs, and `attack.success_rate` pools them over every task.
     """
     rank = order or {}
     totals: dict[tuple[str, str], list[float]] = {}
@@ -74,7 +77,7 @@ def pool_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[st
         try:
             if node not in node_tasks:
                 raise ValueError("reply from a node that was not asked")
-            parsed = parse_scores(reply, node_tasks[node])
+            parsed = parse_scores(reply, node_tasks[node], views)
         except (ValueError, KeyError, TypeError) as err:
             dropped.append((node, str(err)))
             continue
@@ -93,10 +96,15 @@ def pool_scores(replies: Iterable[Message], node_tasks: Mapping[int, Iterable[st
         if not n:
             continue
         client_mean = acc_sum / clients
-        if view == "global":
+        if view == "backdoor":
+            record[f"backdoor.{task}.success_rate"] = c / n
+        elif view == "global":
             record.update({f"global.{task}.accuracy": c / n, f"global.{task}.loss": s / n,
                            f"global.{task}.count": float(n), f"global.{task}.client_mean_accuracy": client_mean})
         else:
             record.update({f"personal.{task}.accuracy": client_mean, f"personal.{task}.loss": s / n})
+    hits = [(c, n) for (view, _), (c, n, *_rest) in totals.items() if view == "backdoor"]
+    if hits and sum(n for _, n in hits):
+        record["attack.success_rate"] = sum(c for c, _ in hits) / sum(n for _, n in hits)
     record["evaluate.clients-dropped"] = float(len(dropped))
     return EvaluationResult(record, per_client, dropped)

@@ -74,3 +74,17 @@ def as_reply(template: Message, content: RecordDict) -> Message:
                         group_id="", created_at=time.time(), ttl=60.0,
                         message_type=template.metadata.message_type)
     return Message(metadata=metadata, content=content)
+
+
+def with_nan(reply: Message) -> Message:
+    """A train reply whose first array starts with NaN."""
+    from flwr.app import Array
+
+    from fedmm import protocol
+
+    record = reply.content[protocol.ARRAYS]
+    key = next(iter(record.keys()))
+    bad = record[key].numpy().copy()
+    bad[0] = float("nan")
+    record[key] = Array(bad)
+    return reply

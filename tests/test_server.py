@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, Error, Message
 from flwr.serverapp.strategy import FedAvg
-from local_grid import LocalGrid, as_reply
+from local_grid import LocalGrid, as_reply, with_nan as _nan
 from safetensors.numpy import load_file
 
 import fedmm.model
@@ -28,15 +28,6 @@ def records(out, final: bool = False):
     """Per-round records of metrics.jsonl (or, with final=True, only the final-stage record)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if ("stage" in r) == final]
-
-
-def _nan(reply: Message) -> Message:
-    record = reply.content[protocol.ARRAYS]
-    key = next(iter(record.keys()))
-    bad = record[key].numpy().copy()
-    bad[0] = np.nan
-    record[key] = Array(bad)
-    return reply
 
 
 def _wrong_shape(reply: Message) -> Message:

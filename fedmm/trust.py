@@ -1,0 +1,479 @@
+"""Two-stage robust aggregation with trust scores: the maths, as plain functions over stacked updates.
+
+Stage 1 scores every client's update of one component with indicators chosen by the component's kind
+(LoRA factors, task heads, dense layers), each computed for all holders at once on the (N, P) matrix
+of updates Δ = trained - sent. Indicators are judged against the round's cohort (robust z-scores),
+not against fixed constants, so they carry over between models and learning rates. Stage 2 inspects
+suspicious clients layer by layer against the trusted ones. Reputation accumulates across rounds.
+
+Nothing here looks at what a client says about itself, nor at the trigger or target of an attack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmm.components import ComponentLayout
+
+_EPS = 1e-12
+TOP_SHARE = 0.01  # spikiness: energy share of the top 1% coordinates (the reference's choice)
+
+# Weights of the indicators in a component's score, by component kind. The first three follow the
+# reference's image-model weights (direction 0.12, norm 0.44, spikiness 0.44).
+BASE_WEIGHTS = {"direction": 0.12, "norm": 0.44, "spikiness": 0.44, "sign": 0.15}
+KIND_WEIGHTS = {
+    "lora": {**BASE_WEIGHTS, "lora_concentration": 0.3},
+    "head": {**BASE_WEIGHTS, "head_jump": 0.3},
+    "embedding": {**BASE_WEIGHTS, "embedding_rows": 0.3},
+    "dense": BASE_WEIGHTS,
+}
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """Offsets of one adapted layer's factors inside a component vector: ΔW = B @ A."""
+
+    a: slice
+    a_shape: tuple[int, int]  # (r, in)
+    b: slice
+    b_shape: tuple[int, int]  # (out, r)
+
+
+def _segments(layout: ComponentLayout) -> dict[str, tuple[slice, tuple[int, ...]]]:
+    return {n: (slice(o, o + math.prod(s)), tuple(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}
+
+
+def lora_pairs(layout: ComponentLayout) -> list[LoraPair]:
+    """The (A, B) factor pairs of a component, matched by name (peft's `lora_A` / `lora_B`)."""
+    segments = _segments(layout)
+    pairs = []
+    for name, (sl, shape) in segments.items():
+        if ".lora_A." in name:
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            if b_name in segments:
+                b_sl, b_shape = segments[b_name]
+                pairs.append(LoraPair(sl, shape, b_sl, b_shape))  # type: ignore[arg-type]
+    return pairs
+
+
+def component_kind(component: str, layout: ComponentLayout) -> str:
+    """Which indicator set judges a component: lora, head, embedding or dense."""
+    if component.startswith("head."):
+        return "head"
+    if lora_pairs(layout):
+        return "lora"
+    if any("embeddings" in n and len(s) == 2 for n, s in zip(layout.names, layout.shapes)):
+        return "embedding"
+    return "dense"
+
+
+# --- the judgement of an indicator against its cohort ---------------------------------------------
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 MAD), with a floor on the scale so a tight cohort is not over-read."""
+    med = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - med))
+    scale = max(mad, 0.05 * abs(float(med)), _EPS)
+    return (values - med) / scale
+
+
+def outlier_score(values: np.ndarray, side: str = "both") -> np.ndarray:
+    """1 inside 2 robust standard deviations of the cohort, falling as 1 / (1 + excess²) beyond.
+
+    `side` is the direction that is suspicious: high, low or both.
+    """
+    z = robust_z(np.asarray(values, dtype=np.float64))
+    excess = {"high": z, "low": -z, "both": np.abs(z)}[side]
+    return 1.0 / (1.0 + np.maximum(0.0, excess - 2.0) ** 2)
+
+
+# --- stage 1: indicators ----------------------------------------------------------------------------
+
+
+def robust_reference(deltas: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Mean of the updates after clipping each to the median norm: no single client can dominate it."""
+    clip = float(np.median(norms))
+    factors = np.minimum(1.0, clip / np.maximum(norms, _EPS))
+    return (factors / len(factors)).astype(np.float32) @ deltas
+
+
+def spikiness(deltas: np.ndarray) -> np.ndarray:
+    """Share of each update's energy in its top 1% coordinates by magnitude."""
+    k = max(1, math.ceil(TOP_SHARE * deltas.shape[1]))
+    out = np.empty(deltas.shape[0])
+    for i, row in enumerate(deltas):
+        energy = np.square(row, dtype=np.float64)
+        top = np.partition(energy, energy.size - k)[energy.size - k :]
+        out[i] = top.sum() / max(energy.sum(), _EPS)
+    return out
+
+
+def sign_agreement(deltas: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Magnitude-weighted share of coordinates whose sign agrees with the reference's.
+
+    Σ|Δ_j|·[sign Δ_j = sign r_j] / Σ|Δ_j| = (Δ·sign(r) + ||Δ||₁) / (2 ||Δ||₁) where r_j ≠ 0.
+    """
+    signs = np.sign(reference).astype(np.float32)
+    l1 = np.abs(deltas).sum(axis=1, dtype=np.float64) - np.abs(deltas[:, signs == 0]).sum(axis=1, dtype=np.float64)
+    return (deltas @ signs + l1) / np.maximum(2 * l1, _EPS)
+
+
+def lora_delta_cores(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> list[np.ndarray]:
+    """Per client, a 2r x 2r matrix with the singular values of ΔW = B'A' - BA (new minus sent).
+
+    ΔW = [B', -B] @ [A'; A]; with thin QRs [B', -B] = Q_b R_b and [A'; A]ᵀ = Q_a R_a, ΔW and
+    R_b R_aᵀ share their singular values. Cost O((out + in) r²) per client; no out x in matrix.
+    """
+    a0 = sent[pair.a].reshape(pair.a_shape)
+    b0 = sent[pair.b].reshape(pair.b_shape)
+    cores = []
+    for row in deltas:
+        a1 = a0 + row[pair.a].reshape(pair.a_shape)
+        b1 = b0 + row[pair.b].reshape(pair.b_shape)
+        _, rb = np.linalg.qr(np.hstack([b1, -b0]).astype(np.float64))
+        _, ra = np.linalg.qr(np.vstack([a1, a0]).T.astype(np.float64))
+        cores.append(rb @ ra.T)
+    return cores
+
+
+def lora_indicators(deltas: np.ndarray, sent: np.ndarray, layout: ComponentLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(||ΔW||_F over the component's adapted layers, share of ΔW energy in each layer's top singular
+    direction averaged over layers) per client: a backdoor tends to live in one direction."""
+    pairs = lora_pairs(layout)
+    sq = np.zeros(deltas.shape[0])
+    concentration = np.zeros(deltas.shape[0])
+    for pair in pairs:
+        for i, core in enumerate(lora_delta_cores(deltas, sent, pair)):
+            s = np.linalg.svd(core, compute_uv=False) ** 2
+            sq[i] += s.sum()
+            concentration[i] += s[0] / max(s.sum(), _EPS) / len(pairs)
+    return np.sqrt(sq), concentration
+
+
+def head_jump(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
+    """How far the most-changed class row of a head's weight stands above the mean row change,
+    relative to that mean; a push towards one (unknown) target class shows here."""
+    segments = _segments(layout)
+    name = next(n for n, (_, s) in segments.items() if len(s) == 2)
+    sl, shape = segments[name]
+    rows = np.linalg.norm(deltas[:, sl].reshape(len(deltas), *shape), axis=2)
+    mean = rows.mean(axis=1)
+    return (rows.max(axis=1) - mean) / np.maximum(mean, _EPS)
+
+
+def embedding_rows(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
+    """Share of the embedding update's row-norm mass in its top 0.1% rows (at least 10): a trigger
+    token's row moves alone."""
+    segments = _segments(layout)
+    shares = np.zeros(len(deltas))
+    for name, (sl, shape) in segments.items():
+        if "embeddings" in name and len(shape) == 2:
+            rows = np.linalg.norm(deltas[:, sl].reshape(len(deltas), *shape), axis=2)
+            k = min(shape[0], max(10, int(0.001 * shape[0])))
+            top = np.partition(rows, shape[0] - k, axis=1)[:, shape[0] - k :].sum(axis=1)
+            shares = np.maximum(shares, top / np.maximum(rows.sum(axis=1), _EPS))
+    return shares
+
+
+@dataclass
+class ComponentTrust:
+    """Stage-1 result for one component over its holders (rows in `client_ids` order)."""
+
+    client_ids: list[int]
+    indicators: dict[str, np.ndarray]  # raw values
+    scores: dict[str, np.ndarray]  # each indicator judged against the cohort, in [0, 1]
+    trust: np.ndarray  # weighted mean of the scores
+    norms: np.ndarray
+
+
+def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray, sent: np.ndarray,
+                    client_ids: Sequence[int]) -> ComponentTrust:
+    """Stage 1 for one component: indicators for every holder, judged against the cohort."""
+    kind = component_kind(component, layout)
+    norms = np.linalg.norm(deltas, axis=1).astype(np.float64)
+    reference = robust_reference(deltas, norms)
+    ref_norm = float(np.linalg.norm(reference))
+    cosine = (deltas @ reference) / np.maximum(norms * ref_norm, _EPS)
+    raw: dict[str, np.ndarray] = {"direction": cosine, "spikiness": spikiness(deltas),
+                                  "sign": sign_agreement(deltas, reference)}
+    judged = {"direction": outlier_score(cosine, "low"), "spikiness": outlier_score(raw["spikiness"], "high"),
+              "sign": outlier_score(raw["sign"], "low")}
+    update_norm = norms
+    if kind == "lora":
+        update_norm, raw["lora_concentration"] = lora_indicators(deltas, sent, layout)
+        judged["lora_concentration"] = outlier_score(raw["lora_concentration"], "high")
+    elif kind == "head":
+        raw["head_jump"] = head_jump(deltas, layout)
+        judged["head_jump"] = outlier_score(raw["head_jump"], "high")
+    elif kind == "embedding":
+        raw["embedding_rows"] = embedding_rows(deltas, layout)
+        judged["embedding_rows"] = outlier_score(raw["embedding_rows"], "high")
+    raw["norm"] = update_norm
+    judged["norm"] = outlier_score(np.log(np.maximum(update_norm, _EPS)), "both")
+    weights = KIND_WEIGHTS[kind]
+    trust = sum(weights[k] * judged[k] for k in weights) / sum(weights.values())
+    return ComponentTrust(list(client_ids), raw, judged, np.asarray(trust), norms)
+
+
+# --- the split -------------------------------------------------------------------------------------
+
+TRUSTED, SUSPICIOUS, REJECTED = "trusted", "suspicious", "rejected"
+
+
+def split_by_rank(scores: Mapping[int, float], trusted_fraction: float, rejected_fraction: float) -> dict[int, str]:
+    """Top `trusted_fraction` trusted, bottom `rejected_fraction` rejected, the middle suspicious.
+
+    Ranks ties by client id, so a round is reproducible. With few clients at least one is trusted.
+    """
+    order = sorted(scores, key=lambda c: (-scores[c], c))
+    n = len(order)
+    n_trusted = max(1, round(trusted_fraction * n))
+    n_rejected = min(n - n_trusted, round(rejected_fraction * n))
+    return {c: TRUSTED if i < n_trusted else REJECTED if i >= n - n_rejected else SUSPICIOUS
+            for i, c in enumerate(order)}
+
+
+# --- stage 2: layer-wise inspection ---------------------------------------------------------------
+
+
+def layer_features(updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The reference's nine features per client for one layer (rows of `updates`): counts of +, -
+    and 0 coordinates, kurtosis, skewness, mean distance to the others, L1 deviation from the
+    reference, L2 norm and angle to the reference. `reference` is one vector, or one per row."""
+    n, p = updates.shape
+    x = updates.astype(np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    std = x.std(axis=1, keepdims=True)
+    centred = (x - mean) / np.maximum(std, _EPS)
+    kurtosis = (centred**4).mean(axis=1) - 3.0
+    skewness = (centred**3).mean(axis=1)
+    sq = (x**2).sum(axis=1)
+    pairwise = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
+    mean_distance = pairwise.sum(axis=1) / max(n - 1, 1)
+    norms = np.sqrt(sq)
+    ref = np.broadcast_to(reference, x.shape).astype(np.float64)
+    cos = (x * ref).sum(axis=1) / np.maximum(norms * np.linalg.norm(ref, axis=1), _EPS)
+    return np.column_stack([
+        (x > 0).sum(axis=1) / p, (x < 0).sum(axis=1) / p, (x == 0).sum(axis=1) / p,
+        kurtosis, skewness, mean_distance, np.abs(x - ref).sum(axis=1), norms, np.arccos(np.clip(cos, -1, 1)),
+    ])
+
+
+MIN_SILHOUETTE = 0.45  # a random cloud splits at under 0.35 (99th percentile, 6-40 points in 9-D): nobody stands apart
+
+
+def honest_members(features: np.ndarray, trusted: np.ndarray) -> np.ndarray:
+    """Which rows fall in the honest one of two average-linkage clusters: the cluster holding most
+    of the trusted rows. Features are standardised (robustly) so no single one dominates. A split
+    whose silhouette stays under MIN_SILHOUETTE finds no group apart, and every row is honest."""
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import silhouette_score
+
+    if len(features) < 3:
+        return np.ones(len(features), dtype=bool)
+    med = np.median(features, axis=0)
+    scale = 1.4826 * np.median(np.abs(features - med), axis=0)
+    scale = np.where(scale > _EPS, scale, np.maximum(features.std(axis=0), _EPS))
+    z = (features - med) / scale
+    labels = AgglomerativeClustering(n_clusters=2, linkage="average").fit_predict(z)
+    if len(set(labels)) < 2 or silhouette_score(z, labels) < MIN_SILHOUETTE:
+        return np.ones(len(features), dtype=bool)
+    honest = np.bincount(labels[trusted], minlength=2).argmax()
+    return labels == honest
+
+
+def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarray) -> np.ndarray:
+    """Verdicts (True = honest) for the suspicious rows of one layer's (N, p) updates.
+
+    Suspicious rows whose norm lies more than two robust standard deviations from the median of the
+    trusted and suspicious rows fail outright (the reference gates on the suspicious rows alone, where
+    colluders can be the majority); the others are clustered together with the trusted rows (the
+    reference's nine features, two average-linkage clusters) and pass when they join the cluster
+    that holds most trusted rows. The reference is the trusted rows' mean.
+    """
+    rows = np.flatnonzero(suspicious)
+    norms = np.linalg.norm(updates, axis=1)
+    cohort = norms[trusted | suspicious]
+    med = np.median(cohort)
+    spread = 2 * 1.4826 * np.median(np.abs(cohort - med))
+    gate = np.abs(norms[rows] - med) <= max(spread, 0.1 * med, _EPS)
+    trusted_rows = np.flatnonzero(trusted)
+    group = np.concatenate([trusted_rows, rows[gate]])
+    # Each trusted row is compared with the mean of the other trusted rows: measured against a mean it
+    # is part of, it would look closer than any suspect could.
+    total = updates[trusted_rows].sum(axis=0)
+    t = len(trusted_rows)
+    references = np.vstack([(total - updates[trusted_rows]) / max(t - 1, 1) if t > 1 else updates[trusted_rows],
+                            np.broadcast_to(total / t, (int(gate.sum()), updates.shape[1]))])
+    members = honest_members(layer_features(updates[group], references), np.arange(len(group)) < t)
+    verdict = np.zeros(len(rows), dtype=bool)
+    verdict[gate] = members[len(trusted_rows) :]
+    return verdict
+
+
+def layer_slices(layout: ComponentLayout) -> list[slice]:
+    """Each tensor of a component is one layer of the inspection."""
+    return [sl for sl, _ in _segments(layout).values()]
+
+
+# --- reputation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reputation:
+    """Per client id: reputation points (+1 per aggregated round, +1 per passed inspection) and rounds
+    taken part in. Clients are compared by points per participation, so a client sampled rarely is
+    not mistaken for a bad one."""
+
+    points: dict[int, int] = field(default_factory=dict)
+    participations: dict[int, int] = field(default_factory=dict)
+
+    def rate(self, client: int) -> float:
+        return self.points.get(client, 0) / max(self.participations.get(client, 0), 1)
+
+    def threshold(self) -> float:
+        """median - MAD of the known clients' rates: below it a client is dropped after warm-up."""
+        rates = np.array([self.rate(c) for c in self.participations])
+        if not len(rates):
+            return -math.inf
+        med = float(np.median(rates))
+        return med - float(np.median(np.abs(rates - med)))
+
+    def to_json(self) -> dict:
+        return {"points": {str(k): v for k, v in sorted(self.points.items())},
+                "participations": {str(k): v for k, v in sorted(self.participations.items())}}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Reputation":
+        def ints(d: Mapping) -> dict[int, int]:
+            out = {}
+            for k, v in d.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"reputation of client {k!r} must be a non-negative integer, got {v!r}")
+                out[int(k)] = v
+            return out
+
+        return cls(ints(data.get("points", {})), ints(data.get("participations", {})))
+
+
+# --- one round ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundDecision:
+    """What the defence decided about each client of a round, and why."""
+
+    aggregated: list[int]
+    category: dict[int, str]  # stage-1 split (clients that passed the input checks)
+    trust: dict[int, float]  # mean of the client's component trust scores
+    inspection: dict[int, float]  # suspicious client -> share of its layers judged honest
+    dropped: dict[int, str]  # client -> reason it is not aggregated
+    components: dict[str, ComponentTrust]
+
+
+def screen_updates(deltas: Mapping[int, Mapping[str, np.ndarray]], max_relative_norm: float) -> dict[int, str]:
+    """Clients whose updates cannot be scored, with the reason: non-finite values, no change at all,
+    a norm above `max_relative_norm` x the component's median, or an exact copy of another's update."""
+    bad: dict[int, str] = {}
+    for client, comps in deltas.items():
+        if not all(np.isfinite(v).all() for v in comps.values()):
+            bad[client] = "non-finite: NaN or Inf values"
+        elif not any(v.any() for v in comps.values()):
+            bad[client] = "zero-update: the update changes nothing"
+    components = sorted({c for comps in deltas.values() for c in comps})
+    for component in components:
+        holders = [c for c in deltas if component in deltas[c] and c not in bad]
+        if not holders:
+            continue
+        norms = {c: float(np.linalg.norm(deltas[c][component])) for c in holders}
+        med = float(np.median(list(norms.values())))
+        for c in holders:
+            if med > 0 and norms[c] > max_relative_norm * med:
+                bad.setdefault(c, f"absurd-norm: {component} norm {norms[c]:.3g} is "
+                                  f"{norms[c] / med:.0f}x the median")
+        # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
+        seen: dict[tuple[float, bytes], int] = {}
+        for c in holders:
+            v = deltas[c][component]
+            key = (norms[c], v[: min(64, v.size)].tobytes())
+            first = seen.setdefault(key, c)
+            if first != c and np.array_equal(deltas[first][component], v):
+                bad.setdefault(c, f"duplicate: {component} identical to client {first}'s")
+                bad.setdefault(first, f"duplicate: {component} identical to client {c}'s")
+    return bad
+
+
+def decide_round(deltas: Mapping[int, Mapping[str, np.ndarray]], sent: Mapping[str, np.ndarray],
+                 layouts: Mapping[str, ComponentLayout], reputation: Reputation, server_round: int, *,
+                 trusted_fraction: float = 0.5, rejected_fraction: float = 0.2, pass_early: float = 0.4,
+                 pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
+                 max_relative_norm: float = 100.0) -> RoundDecision:
+    """Both stages and the reputation update for one round. `deltas[client][component]` is a
+    client's update (trained - sent); `reputation` is updated in place."""
+    dropped = screen_updates(deltas, max_relative_norm)
+    clients = sorted(c for c in deltas if c not in dropped)
+    components: dict[str, ComponentTrust] = {}
+    per_client: dict[int, list[float]] = {c: [] for c in clients}
+    for component in sorted({k for c in clients for k in deltas[c]}):
+        holders = [c for c in clients if component in deltas[c]]
+        stacked = np.stack([deltas[c][component] for c in holders])
+        result = score_component(component, layouts[component], stacked, sent[component], holders)
+        components[component] = result
+        for c, t in zip(holders, result.trust):
+            per_client[c].append(float(t))
+    trust = {c: float(np.mean(v)) for c, v in per_client.items()}
+    category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
+    inspection = _inspect(deltas, layouts, category)
+    need = pass_early if server_round <= late_round else pass_late
+    for c in clients:
+        reputation.participations[c] = reputation.participations.get(c, 0) + 1
+    passed = [c for c, share in inspection.items() if share >= need]
+    for c in passed:
+        reputation.points[c] = reputation.points.get(c, 0) + 1
+    for c, share in inspection.items():
+        if c not in passed:
+            dropped[c] = f"inspection: honest on {share:.0%} of layers, {need:.0%} needed"
+    for c, cat in category.items():
+        if cat == REJECTED:
+            dropped[c] = f"rejected: trust {trust[c]:.3f} in the bottom {rejected_fraction:.0%}"
+    candidates = [c for c in clients if category[c] == TRUSTED or c in passed]
+    if server_round > warmup_rounds:
+        floor = reputation.threshold()
+        for c in list(candidates):
+            if reputation.rate(c) < floor:
+                candidates.remove(c)
+                dropped[c] = f"reputation: {reputation.rate(c):.2f} per round, below {floor:.2f}"
+    if not candidates:  # never leave a round without an aggregate while trusted clients exist
+        candidates = [c for c in clients if category[c] == TRUSTED]
+        for c in candidates:
+            dropped.pop(c, None)
+    for c in candidates:
+        reputation.points[c] = reputation.points.get(c, 0) + 1
+    return RoundDecision(candidates, category, trust, inspection, dropped, components)
+
+
+def _inspect(deltas: Mapping[int, Mapping[str, np.ndarray]], layouts: Mapping[str, ComponentLayout],
+             category: Mapping[int, str]) -> dict[int, float]:
+    """Stage 2: each suspicious client's share of layers judged honest, over the layers it holds
+    that at least one trusted client also holds (none such: share 0)."""
+    suspects = [c for c, cat in category.items() if cat == SUSPICIOUS]
+    honest = dict.fromkeys(suspects, 0)
+    judged = dict.fromkeys(suspects, 0)
+    for component, layout in layouts.items():
+        holders = [c for c in category if component in deltas[c] and category[c] != REJECTED]
+        trusted = np.array([category[c] == TRUSTED for c in holders], dtype=bool)
+        suspicious = np.array([category[c] == SUSPICIOUS for c in holders], dtype=bool)
+        if not trusted.any() or not suspicious.any():
+            continue
+        stacked = np.stack([deltas[c][component] for c in holders])
+        for sl in layer_slices(layout):
+            verdict = inspect_layer(stacked[:, sl], trusted, suspicious)
+            for c, ok in zip([h for h, s in zip(holders, suspicious) if s], verdict):
+                honest[c] += int(ok)
+                judged[c] += 1
+    return {c: honest[c] / judged[c] if judged[c] else 0.0 for c in suspects}

@@ -1,0 +1,129 @@
+"""TrustScoring: two-stage robust aggregation with reputation, wrapped around any Flower strategy.
+
+Before the inner strategy aggregates, every training reply is validated and every update scored
+(`fedmm.trust`): stage 1 ranks clients by a multi-indicator trust score into trusted / suspicious /
+rejected, stage 2 inspects the suspicious ones layer by layer against the trusted ones, and a
+reputation kept per client id (its partition id, stable across rounds and restarts) drops clients
+that keep failing. The inner strategy then aggregates only the replies that count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmm import protocol
+from fedmm.components import ComponentLayout
+from fedmm.config import DefenseConfig
+from fedmm.trust import Reputation, RoundDecision, decide_round
+from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
+from strategies.nodes import NodeRegistry, array_shapes
+
+
+class TrustScoring(Strategy):
+    """Decides which updates count; `inner` aggregates them."""
+
+    def __init__(self, inner: Strategy, registry: NodeRegistry, defense: DefenseConfig,
+                 layouts: Mapping[str, ComponentLayout], max_examples: int | None = None) -> None:
+        self.inner = inner
+        self.layouts = dict(layouts)  # component -> its named tensors (indicators and inspection read them)
+        self.registry = registry
+        self.defense = defense
+        self.max_examples = max_examples
+        self.reputation = Reputation()
+        self.last_report: dict[int, dict] = {}  # partition id -> what the defence saw and decided
+        self._sent: dict[int, tuple[str, ...]] = {}
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        d = self.defense
+        log(INFO, "\t├──> TrustScoring (trusted %.0f%%, rejected %.0f%%, warm-up %d rounds) around:",
+            100 * d.trusted_fraction, 100 * d.rejected_fraction, d.warmup_rounds)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent = {m.metadata.dst_node_id: tuple(m.content[protocol.ARRAYS].keys()) for m in messages}
+        shapes = array_shapes(arrays)
+        self._vectors = {k: protocol.decode_array(arrays[k], k, shapes[k]) for k in arrays.keys()}
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        shapes = {k: v.shape for k, v in self._vectors.items()}
+        accepted, rejected = validate_replies(replies, self._sent, shapes, self.max_examples)
+        partition = {n.node_id: n.partition_id for n in self.registry.nodes()}
+        updates = {partition[u.node_id]: u for u in accepted if u.node_id in partition}
+        deltas = {p: {c: u.arrays[c] - self._vectors[c] for c in u.arrays} for p, u in updates.items()}
+        d = self.defense
+        decision = decide_round(deltas, self._vectors, self.layouts, self.reputation, server_round,
+                                trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
+                                pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
+                                warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm)
+        node_of = {p: u.node_id for p, u in updates.items()}
+        for p, reason in sorted(decision.dropped.items()):
+            log(WARNING if reason.split(":")[0] in ("non-finite", "zero-update", "absurd-norm", "duplicate")
+                else INFO, "round %d: trust scoring leaves out client %d (%s)", server_round, p, reason)
+        log_rejections(server_round, rejected)
+        self.last_report = self._report(decision, rejected, partition)
+        kept_nodes = {node_of[p] for p in decision.aggregated}
+        kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
+        arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
+        metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated])
+        metrics["clients-missing"] = len(self._sent) - len(replies)
+        for reason in ("trusted", "suspicious", "rejected"):
+            metrics[f"trust.{reason}"] = sum(c == reason for c in decision.category.values())
+        metrics["trust.dropped"] = len(decision.dropped)
+        return arrays, metrics
+
+    def _report(self, decision: RoundDecision, rejected, partition) -> dict[int, dict]:
+        report: dict[int, dict] = {}
+        for p, cat in decision.category.items():
+            indicators = {f"{c}.{name}": float(values[result.client_ids.index(p)])
+                          for c, result in decision.components.items() if p in result.client_ids
+                          for name, values in result.indicators.items()}
+            report[p] = {"trust": decision.trust[p], "category": cat,
+                         "decision": "aggregated" if p in decision.aggregated else decision.dropped.get(p, ""),
+                         "inspection": decision.inspection.get(p), "indicators": indicators}
+        for p, reason in decision.dropped.items():
+            report.setdefault(p, {"trust": None, "category": "unscored", "decision": reason})
+        for node, kind, detail in rejected:
+            p = partition.get(node, node)
+            report[p] = {"trust": None, "category": "unscored", "decision": f"{kind}: {detail}"}
+        for p, entry in report.items():
+            entry["reputation"] = self.reputation.points.get(p, 0)
+            entry["participations"] = self.reputation.participations.get(p, 0)
+        return report
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def save_state(self, path: str | Path) -> None:
+        """Reputation to JSON (written atomically), so a restarted server carries it on."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"reputation": self.reputation.to_json()}, sort_keys=True))
+        tmp.replace(path)
+
+    def load_state(self, path: str | Path) -> None:
+        try:
+            data = json.loads(Path(path).read_text())
+            self.reputation = Reputation.from_json(data["reputation"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"cannot restore trust state from {str(path)!r}: {err}") from None
+

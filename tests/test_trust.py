@@ -1,0 +1,178 @@
+"""Trust-scoring maths: each indicator, the split, layer-wise inspection, reputation, bad inputs."""
+
+import numpy as np
+import pytest
+
+from fedmm import trust
+from fedmm.components import ComponentLayout
+
+RNG = np.random.default_rng(0)
+
+
+def layout(**tensors):
+    names, shapes, offsets, offset = [], [], [], 0
+    for name, shape in tensors.items():
+        names.append(name.replace("__", "."))
+        shapes.append(shape)
+        offsets.append(offset)
+        offset += int(np.prod(shape))
+    return ComponentLayout(names=names, shapes=shapes, offsets=offsets, size=offset)
+
+
+def test_outlier_score_is_one_inside_the_cohort_and_falls_outside():
+    values = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 5.0])
+    scores = trust.outlier_score(values, "high")
+    assert (scores[:5] == 1).all() and scores[5] < 0.05
+    assert trust.outlier_score(values, "low")[5] == 1
+    assert trust.outlier_score(-values, "low")[5] < 0.05
+
+
+def test_the_robust_reference_is_not_dragged_by_one_huge_update():
+    honest = RNG.standard_normal((9, 50)) * 0.1 + 1.0
+    huge = -1000 * np.ones((1, 50))
+    deltas = np.vstack([honest, huge]).astype(np.float32)
+    ref = trust.robust_reference(deltas, np.linalg.norm(deltas, axis=1))
+    assert np.corrcoef(ref, honest.mean(axis=0))[0, 1] > 0 and ref.mean() > 0.7
+
+
+def test_spikiness_is_the_top_one_percent_energy_share():
+    flat = np.ones((1, 1000), np.float32)
+    spiky = np.zeros((1, 1000), np.float32)
+    spiky[0, :5] = 10
+    spiky[0, 5:] = 0.1
+    out = trust.spikiness(np.vstack([flat, spiky]))
+    assert out[0] == pytest.approx(0.01)
+    expected = (5 * 100 + 5 * 0.01) / (5 * 100 + 995 * 0.01)  # top 10 coordinates
+    assert out[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_sign_agreement_matches_a_hand_computation():
+    deltas = np.array([[1.0, -2.0, 3.0, 4.0]], np.float32)
+    reference = np.array([1.0, 1.0, -1.0, 0.0], np.float32)
+    # Coordinates with a nonzero reference: |1| agrees, |-2| and |3| disagree -> 1 / 6.
+    assert trust.sign_agreement(deltas, reference)[0] == pytest.approx(1 / 6)
+
+
+def lora_layout(out=12, inp=10, r=3):
+    return layout(**{"l__lora_A__w": (r, inp), "l__lora_B__w": (out, r)})
+
+
+def test_lora_cores_give_the_singular_values_of_the_dense_update():
+    lay = lora_layout()
+    sent = RNG.standard_normal(lay.size).astype(np.float32)
+    deltas = RNG.standard_normal((2, lay.size)).astype(np.float32)
+    pair = trust.lora_pairs(lay)[0]
+    a0, b0 = sent[pair.a].reshape(pair.a_shape), sent[pair.b].reshape(pair.b_shape)
+    for row, core in zip(deltas, trust.lora_delta_cores(deltas, sent, pair)):
+        a1, b1 = a0 + row[pair.a].reshape(pair.a_shape), b0 + row[pair.b].reshape(pair.b_shape)
+        dense = b1 @ a1 - b0 @ a0
+        s_dense = np.linalg.svd(dense, compute_uv=False)
+        s_core = np.linalg.svd(core, compute_uv=False)
+        np.testing.assert_allclose(s_core[: len(s_dense)], s_dense[: len(s_core)], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_indicators_see_delta_w_not_the_factors():
+    # B R and R^-1 A give the same ΔW: factor-wise comparison would call them different updates.
+    lay = lora_layout()
+    pair = trust.lora_pairs(lay)[0]
+    sent = np.zeros(lay.size, np.float32)
+    a = RNG.standard_normal(pair.a_shape)
+    b = RNG.standard_normal(pair.b_shape)
+    rot = np.linalg.qr(RNG.standard_normal((3, 3)))[0] * 2.0
+    rows = np.zeros((2, lay.size), np.float32)
+    rows[0, pair.a], rows[0, pair.b] = a.ravel(), b.ravel()
+    rows[1, pair.a], rows[1, pair.b] = (np.linalg.inv(rot) @ a).ravel(), (b @ rot).ravel()
+    norms, concentration = trust.lora_indicators(rows, sent, lay)
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    assert norms[0] == pytest.approx(np.linalg.norm(b @ a), rel=1e-4)
+    assert concentration[0] == pytest.approx(concentration[1], rel=1e-4)
+    assert np.linalg.norm(rows[0]) != pytest.approx(np.linalg.norm(rows[1]), rel=1e-2)
+
+
+def test_head_jump_sees_one_class_row_pushed():
+    lay = layout(**{"head__bias": (4,), "head__weight": (4, 8)})
+    deltas = np.full((2, lay.size), 0.1, np.float32)
+    deltas[1, 4 + 2 * 8 : 4 + 3 * 8] = 1.0  # row of class 2
+    jumps = trust.head_jump(deltas, lay)
+    assert jumps[0] == pytest.approx(0.0, abs=1e-6) and jumps[1] > 2
+
+
+def test_embedding_rows_see_one_token_row_moving_alone():
+    lay = layout(**{"emb__word_embeddings__weight": (100, 4)})
+    deltas = np.full((2, lay.size), 0.01, np.float32)
+    deltas[1] = 0.0
+    deltas[1, 40:44] = 1.0
+    shares = trust.embedding_rows(deltas, lay)
+    assert shares[0] == pytest.approx(0.1) and shares[1] == pytest.approx(1.0)
+    assert trust.component_kind("encoder.text", lay) == "embedding"
+
+
+def test_component_kinds():
+    assert trust.component_kind("encoder.image", lora_layout()) == "lora"
+    assert trust.component_kind("head.vqa", layout(w=(2, 2))) == "head"
+    assert trust.component_kind("fusion.shared", layout(w=(2, 2))) == "dense"
+
+
+def test_split_by_rank_uses_the_reference_fractions():
+    scores = {c: 1 - c / 100 for c in range(20)}
+    split = trust.split_by_rank(scores, 0.5, 0.2)
+    assert [split[c] for c in range(20)] == ["trusted"] * 10 + ["suspicious"] * 6 + ["rejected"] * 4
+    assert list(trust.split_by_rank({7: 0.5}, 0.5, 0.2).values()) == ["trusted"]
+
+
+def test_inspection_fails_a_suspect_that_stands_apart_and_passes_one_that_does_not():
+    honest = RNG.standard_normal((8, 200)).astype(np.float32) * 0.1
+    planted = np.linspace(1, 0, 200, dtype=np.float32) * 0.1 + RNG.standard_normal(200).astype(np.float32) * 0.01
+    updates = np.vstack([honest, planted[None], planted[None] * 1.02, RNG.standard_normal((1, 200)) * 0.1])
+    trusted = np.array([True] * 8 + [False] * 3)
+    verdict = trust.inspect_layer(updates.astype(np.float32), trusted, ~trusted)
+    assert list(verdict) == [False, False, True]
+
+
+def test_clustering_finds_no_group_in_one_cloud():
+    features = RNG.standard_normal((12, 9))
+    assert trust.honest_members(features, np.arange(12) < 6).all()
+
+
+def test_reputation_threshold_and_round_trip():
+    rep = trust.Reputation(points={1: 10, 2: 9, 3: 10, 4: 1}, participations={1: 10, 2: 10, 3: 10, 4: 10})
+    assert rep.rate(4) < rep.threshold() <= rep.rate(2)
+    assert trust.Reputation.from_json(rep.to_json()) == rep
+    with pytest.raises(ValueError, match="client '1'"):
+        trust.Reputation.from_json({"points": {"1": -3}})
+
+
+def _deltas(n=10, p=64):
+    return {c: {"fusion.shared": (RNG.standard_normal(p) * 0.01).astype(np.float32)} for c in range(n)}
+
+
+@pytest.mark.parametrize("spoil,reason", [
+    (lambda v: np.where(np.arange(v.size) == 0, np.nan, v), "non-finite"),
+    (lambda v: np.zeros_like(v), "zero-update"),
+    (lambda v: v * 1e6, "absurd-norm"),
+])
+def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
+    deltas = _deltas()
+    deltas[3]["fusion.shared"] = spoil(deltas[3]["fusion.shared"]).astype(np.float32)
+    bad = trust.screen_updates(deltas, max_relative_norm=100.0)
+    assert list(bad) == [3] and bad[3].startswith(reason)
+
+
+def test_exact_copies_are_screened_out_together():
+    deltas = _deltas()
+    deltas[5]["fusion.shared"] = deltas[2]["fusion.shared"].copy()
+    assert sorted(trust.screen_updates(deltas, 100.0)) == [2, 5]
+
+
+def test_a_round_leaves_out_scaled_updates_and_reputation_drops_a_persistent_attacker():
+    lay = {"fusion.shared": layout(**{"a": (32,), "b": (32,)})}
+    sent = {"fusion.shared": np.zeros(64, np.float32)}
+    rep = trust.Reputation()
+    for server_round in range(1, 8):
+        deltas = _deltas()
+        for attacker in (0, 1):
+            deltas[attacker]["fusion.shared"] *= 8
+        decision = trust.decide_round(deltas, sent, lay, rep, server_round, warmup_rounds=3)
+        assert 0 not in decision.aggregated and 1 not in decision.aggregated
+        assert len(decision.aggregated) >= 5
+    assert rep.rate(0) < rep.threshold() and rep.rate(9) > rep.threshold()

@@ -1,0 +1,123 @@
+"""TrustScoring around fedmm's and Flower's strategies, on an in-process grid: decisions, reports,
+bad inputs, reputation across a restart, and a model attack forged by the simulated adversary."""
+
+import json
+
+import pytest
+from flwr.app import Array, Message
+from local_grid import LocalGrid, with_nan
+
+from client_apps.app import make_client_app
+from fedmm import protocol
+from fedmm.config import load_config
+from server_app.runner import build_strategy, run_federation
+from strategies import NodeRegistry
+from strategies.trust_scoring import TrustScoring
+
+FAST = ["clients.num=6", "data.examples_per_task=480", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8", "defense.name=trust"]
+ONE_PROFILE = ["clients.profiles.all=img_shape"]
+
+
+def fast_run(tmp_path, *extra):
+    return load_config(overrides=[*FAST, f"out={tmp_path / 'out'}", *extra])
+
+
+def rounds(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "trust" in r]
+
+
+def _scale(factor):
+    def tamper(reply: Message) -> Message:
+        record = reply.content[protocol.ARRAYS]
+        for key in list(record.keys()):
+            record[key] = Array(record[key].numpy() * factor)
+        return reply
+    return tamper
+
+
+def test_every_client_round_is_reported_and_a_blown_up_update_is_left_out(tmp_path):
+    run = fast_run(tmp_path)
+    grid = LocalGrid(make_client_app(run), 6, tamper={4: _scale(1e4)})
+    summary = run_federation(grid, run)
+    for record in rounds(tmp_path / "out"):
+        assert set(record["trust"]) == {str(p) for p in range(6)}
+        entry = record["trust"]["4"]
+        assert entry["decision"].startswith("absurd-norm")
+        scored = record["trust"]["0"]
+        assert scored["category"] in ("trusted", "suspicious", "rejected")
+        assert 0 <= scored["trust"] <= 1 and scored["reputation"] >= 0
+        assert any(k.endswith(".direction") for k in scored["indicators"])
+    assert (tmp_path / "out" / "trust.png").is_file()
+    assert summary["detection.client_rounds_flagged"] >= 2
+
+
+def test_bad_inputs_never_stop_a_round(tmp_path):
+    run = fast_run(tmp_path)
+    grid = LocalGrid(make_client_app(run), 6)
+
+    def unchanged(reply):  # send back exactly what was received: an all-zero update
+        received = grid.sent[-1].content[protocol.ARRAYS]
+        for k in reply.content[protocol.ARRAYS].keys():
+            reply.content[protocol.ARRAYS][k] = Array(received[k].numpy().copy())
+        return reply
+
+    grid.tamper = {1: with_nan, 3: unchanged}
+    run_federation(grid, run)
+    for record in rounds(tmp_path / "out"):
+        assert record["train.clients-accepted"] >= 1
+        assert record["trust"]["1"]["decision"].startswith("non-finite")
+        assert record["trust"]["3"]["decision"].startswith("zero-update")
+
+
+def test_duplicate_updates_are_left_out(tmp_path):
+    run = fast_run(tmp_path, *ONE_PROFILE)
+    first: dict = {}
+
+    def remember(reply):
+        first["arrays"] = {k: reply.content[protocol.ARRAYS][k].numpy().copy()
+                           for k in reply.content[protocol.ARRAYS].keys()}
+        return reply
+
+    def copy(reply):
+        for k, v in first["arrays"].items():
+            reply.content[protocol.ARRAYS][k] = Array(v)
+        return reply
+
+    run_federation(LocalGrid(make_client_app(run), 6, tamper={0: remember, 1: copy}), run)
+    for record in rounds(tmp_path / "out"):
+        assert record["trust"]["0"]["decision"].startswith("duplicate")
+        assert record["trust"]["1"]["decision"].startswith("duplicate")
+
+
+def test_trust_scoring_wraps_a_plain_flower_strategy(tmp_path):
+    run = fast_run(tmp_path, *ONE_PROFILE, "strategy.name=flwr.serverapp.strategy.FedAvg")
+    strategy = build_strategy(run, NodeRegistry(run))
+    assert isinstance(strategy, TrustScoring) and type(strategy.inner).__name__ == "FedAvg"
+    summary = run_federation(LocalGrid(make_client_app(run), 6, tamper={2: _scale(1e4)}), run)
+    assert 0 <= summary["final.global.img_shape.accuracy"] <= 1
+    assert all(r["trust"]["2"]["decision"].startswith("absurd-norm") for r in rounds(tmp_path / "out"))
+
+
+def test_reputation_survives_a_server_restart(tmp_path):
+    run = fast_run(tmp_path)
+    run_federation(LocalGrid(make_client_app(run), 6), run)
+    saved = tmp_path / "out" / "checkpoints" / "round-0002.trust.json"
+    restarted = build_strategy(run, NodeRegistry(run))
+    restarted.load_state(saved)
+    stored = json.loads(saved.read_text())["reputation"]
+    assert restarted.reputation.to_json() == stored
+    assert sum(restarted.reputation.participations.values()) == 12  # 6 clients x 2 rounds
+    saved.write_text('{"reputation": {"points": {"1": "many"}}}')
+    with pytest.raises(ValueError, match="round-0002.trust.json"):
+        restarted.load_state(saved)
+
+
+def test_a_backdoor_run_reports_its_success_rate_and_detection(tmp_path):
+    run = fast_run(tmp_path, "attack.name=backdoor", "attack.fraction=0.34")
+    summary = run_federation(LocalGrid(make_client_app(run), 6), run)
+    assert 0 <= summary["final.attack.success_rate"] <= 1
+    for task in ("img_shape", "txt_color", "vqa"):
+        assert 0 <= summary[f"final.backdoor.{task}.success_rate"] <= 1
+    assert 0 <= summary["detection.recall"] <= 1 and summary["detection.client_rounds_malicious"] == 4
