@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import best_of  # noqa: E402
 from fedmm import protocol  # noqa: E402
 from strategies.component_fedavg import aggregate_replies  # noqa: E402
 
@@ -51,16 +52,6 @@ def make_replies(n: int, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> l
                             message_type="train")
         replies.append(Message(metadata=metadata, content=content))
     return replies
-
-
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def measure(n: int, p: int, repeats: int) -> dict:

@@ -105,22 +105,52 @@ def robust_reference(deltas: np.ndarray, norms: np.ndarray) -> np.ndarray:
 def spikiness(deltas: np.ndarray) -> np.ndarray:
     """Share of each update's energy in its top 1% coordinates by magnitude."""
     k = max(1, math.ceil(TOP_SHARE * deltas.shape[1]))
-    out = np.empty(deltas.shape[0])
-    for i, row in enumerate(deltas):
-        energy = np.square(row, dtype=np.float64)
-        top = np.partition(energy, energy.size - k)[energy.size - k :]
-        out[i] = top.sum() / max(energy.sum(), _EPS)
-    return out
+    energy = np.square(deltas)
+    total = energy.sum(axis=1, dtype=np.float64)
+    energy.partition(energy.shape[1] - k, axis=1)
+    return energy[:, energy.shape[1] - k :].sum(axis=1, dtype=np.float64) / np.maximum(total, _EPS)
 
 
 def sign_agreement(deltas: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Magnitude-weighted share of coordinates whose sign agrees with the reference's.
 
-    Σ|Δ_j|·[sign Δ_j = sign r_j] / Σ|Δ_j| = (Δ·sign(r) + ||Δ||₁) / (2 ||Δ||₁) where r_j ≠ 0.
+    Σ|Δ_j|·[sign Δ_j = sign r_j] / Σ|Δ_j| = (Δ·sign(r) + ||Δ||₁) / (2 ||Δ||₁), over r_j ≠ 0.
     """
     signs = np.sign(reference).astype(np.float32)
-    l1 = np.abs(deltas).sum(axis=1, dtype=np.float64) - np.abs(deltas[:, signs == 0]).sum(axis=1, dtype=np.float64)
+    l1 = np.abs(deltas) @ np.abs(signs)
     return (deltas @ signs + l1) / np.maximum(2 * l1, _EPS)
+
+
+# Stage 1 reads the exact norms, and estimates direction, sign agreement and spikiness on a fresh
+# random sample of coordinates each round: blocks of BLOCK contiguous coordinates, SAMPLE in all.
+# This keeps the cost near one pass over the updates at any size (see benchmarks/trust_cost.py);
+# the estimates' error (about 1/sqrt(SAMPLE) on a cosine) is far below the gaps the ranking needs.
+SAMPLE = 4096
+BLOCK = 32
+
+
+def coordinate_sample(size: int, rng: np.random.Generator, count: int = SAMPLE, block: int = BLOCK) -> np.ndarray:
+    """Sorted indices of `count` coordinates in random blocks of `block` (all of them if size <= count)."""
+    if size <= count:
+        return np.arange(size)
+    starts = np.sort(rng.choice(size // block, count // block, replace=False)) * block
+    return (starts[:, None] + np.arange(block)).ravel()
+
+
+def layer_sq_norms(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
+    """(N, layers) squared L2 norm of each client's update of each tensor; one pass over the updates."""
+    import torch
+
+    t = torch.from_numpy(deltas)
+    columns = [torch.linalg.vector_norm(t[:, sl], dim=1) for sl in layer_slices(layout)]
+    return torch.stack(columns, dim=1).numpy().astype(np.float64) ** 2
+
+
+def row_norms(deltas: np.ndarray) -> np.ndarray:
+    """Exact L2 norm of each row (multi-threaded, one pass, no temporary)."""
+    import torch
+
+    return torch.linalg.vector_norm(torch.from_numpy(deltas), dim=1).numpy().astype(np.float64)
 
 
 def lora_delta_cores(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> list[np.ndarray]:
@@ -188,19 +218,22 @@ class ComponentTrust:
     indicators: dict[str, np.ndarray]  # raw values
     scores: dict[str, np.ndarray]  # each indicator judged against the cohort, in [0, 1]
     trust: np.ndarray  # weighted mean of the scores
-    norms: np.ndarray
 
 
 def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray, sent: np.ndarray,
-                    client_ids: Sequence[int]) -> ComponentTrust:
-    """Stage 1 for one component: indicators for every holder, judged against the cohort."""
+                    client_ids: Sequence[int], norms: np.ndarray, sample: np.ndarray) -> ComponentTrust:
+    """Stage 1 for one component: indicators for every holder, judged against the cohort.
+
+    `deltas` (N, P) are the holders' updates, `norms` their exact L2 norms, `sample` the coordinates
+    the sampled indicators read.
+    """
     kind = component_kind(component, layout)
-    norms = np.linalg.norm(deltas, axis=1).astype(np.float64)
-    reference = robust_reference(deltas, norms)
-    ref_norm = float(np.linalg.norm(reference))
-    cosine = (deltas @ reference) / np.maximum(norms * ref_norm, _EPS)
-    raw: dict[str, np.ndarray] = {"direction": cosine, "spikiness": spikiness(deltas),
-                                  "sign": sign_agreement(deltas, reference)}
+    part = deltas[:, sample]
+    part_norms = np.linalg.norm(part, axis=1).astype(np.float64)
+    reference = robust_reference(part, part_norms)
+    cosine = (part @ reference) / np.maximum(part_norms * float(np.linalg.norm(reference)), _EPS)
+    raw: dict[str, np.ndarray] = {"direction": cosine, "spikiness": spikiness(part),
+                                  "sign": sign_agreement(part, reference)}
     judged = {"direction": outlier_score(cosine, "low"), "spikiness": outlier_score(raw["spikiness"], "high"),
               "sign": outlier_score(raw["sign"], "low")}
     update_norm = norms
@@ -217,7 +250,7 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
     judged["norm"] = outlier_score(np.log(np.maximum(update_norm, _EPS)), "both")
     weights = KIND_WEIGHTS[kind]
     trust = sum(weights[k] * judged[k] for k in weights) / sum(weights.values())
-    return ComponentTrust(list(client_ids), raw, judged, np.asarray(trust), norms)
+    return ComponentTrust(list(client_ids), raw, judged, np.asarray(trust))
 
 
 # --- the split -------------------------------------------------------------------------------------
@@ -241,26 +274,32 @@ def split_by_rank(scores: Mapping[int, float], trusted_fraction: float, rejected
 # --- stage 2: layer-wise inspection ---------------------------------------------------------------
 
 
-def layer_features(updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The reference's nine features per client for one layer (rows of `updates`): counts of +, -
-    and 0 coordinates, kurtosis, skewness, mean distance to the others, L1 deviation from the
-    reference, L2 norm and angle to the reference. `reference` is one vector, or one per row."""
-    n, p = updates.shape
-    x = updates.astype(np.float64)
+def layer_features(updates: np.ndarray, reference: np.ndarray, norms: np.ndarray | None = None,
+                   scale: float = 1.0) -> np.ndarray:
+    """The reference's nine features per client for one layer (rows of `updates`): shares of +, -
+    and 0 coordinates, kurtosis, skewness, distance to the others, L1 deviation from the reference,
+    L2 norm and angle to the reference. `reference` is one vector, or one per row.
+
+    `updates` may be a sample of the layer's coordinates: `norms` are then the exact norms and
+    `scale` (layer size / sample size) scales the L1 deviation. The distance to the others is the
+    root-mean-square one, exact in O(n p) (the mean distance needs all pairs).
+    """
+    x = np.asarray(updates, dtype=np.float32)
     mean = x.mean(axis=1, keepdims=True)
     std = x.std(axis=1, keepdims=True)
     centred = (x - mean) / np.maximum(std, _EPS)
     kurtosis = (centred**4).mean(axis=1) - 3.0
     skewness = (centred**3).mean(axis=1)
-    sq = (x**2).sum(axis=1)
-    pairwise = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    mean_distance = pairwise.sum(axis=1) / max(n - 1, 1)
-    norms = np.sqrt(sq)
-    ref = np.broadcast_to(reference, x.shape).astype(np.float64)
-    cos = (x * ref).sum(axis=1) / np.maximum(norms * np.linalg.norm(ref, axis=1), _EPS)
+    spread = ((x - x.mean(axis=0)) ** 2).sum(axis=1)
+    n = len(x)
+    rms_distance = np.sqrt(np.maximum(n * spread + spread.sum(), 0.0) / max(n - 1, 1) * scale)
+    sample_norms = np.linalg.norm(x, axis=1)
+    ref = np.broadcast_to(reference, x.shape).astype(np.float32)
+    cos = (x * ref).sum(axis=1) / np.maximum(sample_norms * np.linalg.norm(ref, axis=1), _EPS)
     return np.column_stack([
-        (x > 0).sum(axis=1) / p, (x < 0).sum(axis=1) / p, (x == 0).sum(axis=1) / p,
-        kurtosis, skewness, mean_distance, np.abs(x - ref).sum(axis=1), norms, np.arccos(np.clip(cos, -1, 1)),
+        (x > 0).mean(axis=1), (x < 0).mean(axis=1), (x == 0).mean(axis=1), kurtosis, skewness, rms_distance,
+        np.abs(x - ref).sum(axis=1) * scale, sample_norms * math.sqrt(scale) if norms is None else norms,
+        np.arccos(np.clip(cos, -1, 1)),
     ])
 
 
@@ -287,17 +326,20 @@ def honest_members(features: np.ndarray, trusted: np.ndarray) -> np.ndarray:
     return labels == honest
 
 
-def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarray) -> np.ndarray:
+def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarray,
+                  norms: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
     """Verdicts (True = honest) for the suspicious rows of one layer's (N, p) updates.
 
     Suspicious rows whose norm lies more than two robust standard deviations from the median of the
     trusted and suspicious rows fail outright (the reference gates on the suspicious rows alone, where
     colluders can be the majority); the others are clustered together with the trusted rows (the
     reference's nine features, two average-linkage clusters) and pass when they join the cluster
-    that holds most trusted rows. The reference is the trusted rows' mean.
+    that holds most trusted rows. The reference is the trusted rows' mean (leave-one-out for them).
+    `updates` may hold a sample of the layer's coordinates (`scale` = layer size / sample size);
+    norms are then estimated from it unless given.
     """
+    norms = np.linalg.norm(updates, axis=1) * math.sqrt(scale) if norms is None else norms
     rows = np.flatnonzero(suspicious)
-    norms = np.linalg.norm(updates, axis=1)
     cohort = norms[trusted | suspicious]
     med = np.median(cohort)
     spread = 2 * 1.4826 * np.median(np.abs(cohort - med))
@@ -310,10 +352,15 @@ def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarr
     t = len(trusted_rows)
     references = np.vstack([(total - updates[trusted_rows]) / max(t - 1, 1) if t > 1 else updates[trusted_rows],
                             np.broadcast_to(total / t, (int(gate.sum()), updates.shape[1]))])
-    members = honest_members(layer_features(updates[group], references), np.arange(len(group)) < t)
+    features = layer_features(updates[group], references, norms[group], scale)
+    members = honest_members(features, np.arange(len(group)) < t)
     verdict = np.zeros(len(rows), dtype=bool)
-    verdict[gate] = members[len(trusted_rows) :]
+    verdict[gate] = members[t:]
     return verdict
+
+
+LAYER_SAMPLE = 512  # coordinates of a layer the inspection features read
+MAX_ANCHORS = 32  # trusted rows clustered with the suspects, per layer
 
 
 def layer_slices(layout: ComponentLayout) -> list[slice]:
@@ -365,6 +412,14 @@ class Reputation:
 
 
 @dataclass
+class ComponentUpdates:
+    """The updates (trained - sent) of one component's holders, stacked: row i is client_ids[i]'s."""
+
+    client_ids: list[int]
+    deltas: np.ndarray  # (N, P) float32
+
+
+@dataclass
 class RoundDecision:
     """What the defence decided about each client of a round, and why."""
 
@@ -376,59 +431,76 @@ class RoundDecision:
     components: dict[str, ComponentTrust]
 
 
-def screen_updates(deltas: Mapping[int, Mapping[str, np.ndarray]], max_relative_norm: float) -> dict[int, str]:
-    """Clients whose updates cannot be scored, with the reason: non-finite values, no change at all,
-    a norm above `max_relative_norm` x the component's median, or an exact copy of another's update."""
+def screen_updates(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout],
+                   max_relative_norm: float, rng: np.random.Generator) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+    """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
+    a norm above `max_relative_norm` x the component's median, an exact copy of another's update),
+    and each component's exact update norms, from one pass over the updates."""
     bad: dict[int, str] = {}
-    for client, comps in deltas.items():
-        if not all(np.isfinite(v).all() for v in comps.values()):
-            bad[client] = "non-finite: NaN or Inf values"
-        elif not any(v.any() for v in comps.values()):
-            bad[client] = "zero-update: the update changes nothing"
-    components = sorted({c for comps in deltas.values() for c in comps})
-    for component in components:
-        holders = [c for c in deltas if component in deltas[c] and c not in bad]
-        if not holders:
+    all_norms = {c: row_norms(u.deltas) for c, u in components.items()}
+    moved: dict[int, bool] = {}
+    for c, u in components.items():
+        totals = all_norms[c]
+        for i, client in enumerate(u.client_ids):
+            if not np.isfinite(totals[i]) and not np.isfinite(u.deltas[i]).all():
+                bad.setdefault(client, "non-finite: NaN or Inf values")
+            moved[client] = moved.get(client, False) or bool(totals[i] > 0)
+    for client, any_change in moved.items():
+        if not any_change:
+            bad.setdefault(client, "zero-update: the update changes nothing")
+    for c, u in components.items():
+        norms = all_norms[c]
+        ok = [i for i, client in enumerate(u.client_ids) if client not in bad]
+        if not ok:
             continue
-        norms = {c: float(np.linalg.norm(deltas[c][component])) for c in holders}
-        med = float(np.median(list(norms.values())))
-        for c in holders:
-            if med > 0 and norms[c] > max_relative_norm * med:
-                bad.setdefault(c, f"absurd-norm: {component} norm {norms[c]:.3g} is "
-                                  f"{norms[c] / med:.0f}x the median")
+        med = float(np.median(norms[ok]))
+        for i in ok:
+            if med > 0 and norms[i] > max_relative_norm * med:
+                bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is {norms[i] / med:.0f}x the median")
         # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
-        seen: dict[tuple[float, bytes], int] = {}
-        for c in holders:
-            v = deltas[c][component]
-            key = (norms[c], v[: min(64, v.size)].tobytes())
-            first = seen.setdefault(key, c)
-            if first != c and np.array_equal(deltas[first][component], v):
-                bad.setdefault(c, f"duplicate: {component} identical to client {first}'s")
-                bad.setdefault(first, f"duplicate: {component} identical to client {c}'s")
-    return bad
+        probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
+        seen: dict[bytes, int] = {}
+        for i in ok:
+            key = norms[i].tobytes() + u.deltas[i, probe].tobytes()
+            first = seen.setdefault(key, i)
+            if first != i and np.array_equal(u.deltas[first], u.deltas[i]):
+                a, b = u.client_ids[first], u.client_ids[i]
+                bad.setdefault(b, f"duplicate: {c} identical to client {a}'s")
+                bad.setdefault(a, f"duplicate: {c} identical to client {b}'s")
+    return bad, all_norms
 
 
-def decide_round(deltas: Mapping[int, Mapping[str, np.ndarray]], sent: Mapping[str, np.ndarray],
-                 layouts: Mapping[str, ComponentLayout], reputation: Reputation, server_round: int, *,
-                 trusted_fraction: float = 0.5, rejected_fraction: float = 0.2, pass_early: float = 0.4,
-                 pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
+def _rows(u: ComponentUpdates, keep: set[int]) -> list[int]:
+    return [i for i, c in enumerate(u.client_ids) if c in keep]
+
+
+def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
+                 layouts: Mapping[str, ComponentLayout], reputation: Reputation, server_round: int,
+                 rng: np.random.Generator, *, trusted_fraction: float = 0.5, rejected_fraction: float = 0.2,
+                 pass_early: float = 0.4, pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
                  max_relative_norm: float = 100.0) -> RoundDecision:
-    """Both stages and the reputation update for one round. `deltas[client][component]` is a
-    client's update (trained - sent); `reputation` is updated in place."""
-    dropped = screen_updates(deltas, max_relative_norm)
-    clients = sorted(c for c in deltas if c not in dropped)
-    components: dict[str, ComponentTrust] = {}
+    """Both stages and the reputation update for one round; `reputation` is updated in place.
+    `rng` draws the coordinates the sampled indicators read (fresh each round)."""
+    dropped, all_norms = screen_updates(components, layouts, max_relative_norm, rng)
+    clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
+    scored: dict[str, ComponentTrust] = {}
     per_client: dict[int, list[float]] = {c: [] for c in clients}
-    for component in sorted({k for c in clients for k in deltas[c]}):
-        holders = [c for c in clients if component in deltas[c]]
-        stacked = np.stack([deltas[c][component] for c in holders])
-        result = score_component(component, layouts[component], stacked, sent[component], holders)
-        components[component] = result
+    for name in sorted(components):
+        u = components[name]
+        rows = _rows(u, set(clients))
+        if not rows:
+            continue
+        deltas = u.deltas[rows] if len(rows) < len(u.client_ids) else u.deltas
+        norms = all_norms[name][rows]
+        holders = [u.client_ids[i] for i in rows]
+        result = score_component(name, layouts[name], deltas, sent[name], holders, norms,
+                                 coordinate_sample(deltas.shape[1], rng))
+        scored[name] = result
         for c, t in zip(holders, result.trust):
             per_client[c].append(float(t))
     trust = {c: float(np.mean(v)) for c, v in per_client.items()}
     category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
-    inspection = _inspect(deltas, layouts, category)
+    inspection = _inspect(components, layouts, category, rng)
     need = pass_early if server_round <= late_round else pass_late
     for c in clients:
         reputation.participations[c] = reputation.participations.get(c, 0) + 1
@@ -454,26 +526,36 @@ def decide_round(deltas: Mapping[int, Mapping[str, np.ndarray]], sent: Mapping[s
             dropped.pop(c, None)
     for c in candidates:
         reputation.points[c] = reputation.points.get(c, 0) + 1
-    return RoundDecision(candidates, category, trust, inspection, dropped, components)
+    return RoundDecision(candidates, category, trust, inspection, dropped, scored)
 
 
-def _inspect(deltas: Mapping[int, Mapping[str, np.ndarray]], layouts: Mapping[str, ComponentLayout],
-             category: Mapping[int, str]) -> dict[int, float]:
+def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout], category: Mapping[int, str],
+             rng: np.random.Generator) -> dict[int, float]:
     """Stage 2: each suspicious client's share of layers judged honest, over the layers it holds
     that at least one trusted client also holds (none such: share 0)."""
     suspects = [c for c, cat in category.items() if cat == SUSPICIOUS]
     honest = dict.fromkeys(suspects, 0)
     judged = dict.fromkeys(suspects, 0)
-    for component, layout in layouts.items():
-        holders = [c for c in category if component in deltas[c] and category[c] != REJECTED]
+    for name, u in components.items():
+        rows = [i for i, c in enumerate(u.client_ids) if category.get(c) in (TRUSTED, SUSPICIOUS)]
+        holders = [u.client_ids[i] for i in rows]
         trusted = np.array([category[c] == TRUSTED for c in holders], dtype=bool)
-        suspicious = np.array([category[c] == SUSPICIOUS for c in holders], dtype=bool)
+        suspicious = ~trusted
         if not trusted.any() or not suspicious.any():
             continue
-        stacked = np.stack([deltas[c][component] for c in holders])
-        for sl in layer_slices(layout):
-            verdict = inspect_layer(stacked[:, sl], trusted, suspicious)
-            for c, ok in zip([h for h, s in zip(holders, suspicious) if s], verdict):
+        # The trusted rows only anchor the honest cluster: a random MAX_ANCHORS of them are enough.
+        anchors = np.flatnonzero(trusted)
+        if len(anchors) > MAX_ANCHORS:
+            anchors = np.sort(rng.choice(anchors, MAX_ANCHORS, replace=False))
+        keep = np.concatenate([anchors, np.flatnonzero(suspicious)])
+        rows = [rows[i] for i in keep]
+        trusted, suspicious = trusted[keep], suspicious[keep]
+        suspect_ids = [c for c, s in zip([holders[i] for i in keep], suspicious) if s]
+        for sl in layer_slices(layouts[name]):
+            size = sl.stop - sl.start
+            picked = sl.start + coordinate_sample(size, rng, count=LAYER_SAMPLE, block=16)
+            verdict = inspect_layer(u.deltas[np.ix_(rows, picked)], trusted, suspicious, scale=size / len(picked))
+            for c, ok in zip(suspect_ids, verdict):
                 honest[c] += int(ok)
                 judged[c] += 1
     return {c: honest[c] / judged[c] if judged[c] else 0.0 for c in suspects}

@@ -26,6 +26,7 @@ from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
 from strategies.evaluation import EvaluationResult
+from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import array_shapes, node_messages
 
@@ -54,7 +55,13 @@ def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
         return base
     if run.defense.name == "trust":
         return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), _max_examples(run))
-    raise ConfigError(f"config key 'defense.name'={run.defense.name!r} is not available yet")
+    if run.strategy.name != "fedmm":
+        raise ConfigError(f"config key 'defense.name'={run.defense.name!r} replaces the aggregation rule of "
+                          f"strategy.name=fedmm; it cannot combine with {run.strategy.name!r}")
+    s = run.strategy
+    return robust_strategy(run.defense, registry, run.seed, fraction_train=s.fraction_train,
+                           min_train_nodes=s.min_train_nodes, fraction_evaluate=s.fraction_evaluate,
+                           max_examples=_max_examples(run))
 
 
 def _base_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:

@@ -140,7 +140,10 @@ class ComponentFedAvg(Strategy):
         # Partition order, not arrival order: a seeded run sums in the same order every time.
         rank = self.registry.order()
         replies = sorted(replies, key=lambda r: (rank.get(r.metadata.src_node_id, -1), r.metadata.src_node_id))
-        result = aggregate_replies(replies, self._sent, array_shapes(self._arrays), self.max_examples)
+        shapes = array_shapes(self._arrays)
+        accepted, rejected = validate_replies(replies, self._sent, shapes, self.max_examples)
+        result = self.combine(server_round, accepted, shapes)
+        result.rejected = rejected + result.rejected
         log_rejections(server_round, result.rejected)
         metrics = round_metrics(len(result.accepted), result.rejected, result.accepted)
         metrics["clients-missing"] = len(self._sent) - len(replies)
@@ -149,6 +152,18 @@ class ComponentFedAvg(Strategy):
         merged = {k: self._arrays[k] for k in self._arrays.keys()}
         merged.update({k: Array(np.ascontiguousarray(v)) for k, v in result.arrays.items()})
         return ArrayRecord(merged), metrics
+
+    def combine(self, server_round: int, updates: list[ClientUpdate],
+                shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+        """Validated updates -> new component vectors: the weighted mean (subclasses swap the rule)."""
+        return aggregate_updates(updates, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
+
+    def sent_vectors(self) -> dict[str, np.ndarray]:
+        """This round's global component vectors, as sent."""
+        if self._arrays is None:
+            raise RuntimeError("no round configured yet")
+        shapes = array_shapes(self._arrays)
+        return {k: protocol.decode_array(self._arrays[k], k, shapes[k]) for k in self._arrays.keys()}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -23,9 +23,22 @@ from flwr.serverapp.strategy import Strategy
 from fedmm import protocol
 from fedmm.components import ComponentLayout
 from fedmm.config import DefenseConfig
-from fedmm.trust import Reputation, RoundDecision, decide_round
+from fedmm.protocol import ClientUpdate
+from fedmm.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
 from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
 from strategies.nodes import NodeRegistry, array_shapes
+
+
+def stack_deltas(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray]) -> dict[str, ComponentUpdates]:
+    """Per component, its holders' updates (trained - sent) stacked in client order: one copy."""
+    out = {}
+    for component in sorted({c for u in updates.values() for c in u.arrays}):
+        holders = sorted(p for p, u in updates.items() if component in u.arrays)
+        deltas = np.empty((len(holders), sent[component].size), dtype=np.float32)
+        for row, p in zip(deltas, holders):
+            np.subtract(updates[p].arrays[component], sent[component], out=row)
+        out[component] = ComponentUpdates(holders, deltas)
+    return out
 
 
 class TrustScoring(Strategy):
@@ -64,9 +77,10 @@ class TrustScoring(Strategy):
         accepted, rejected = validate_replies(replies, self._sent, shapes, self.max_examples)
         partition = {n.node_id: n.partition_id for n in self.registry.nodes()}
         updates = {partition[u.node_id]: u for u in accepted if u.node_id in partition}
-        deltas = {p: {c: u.arrays[c] - self._vectors[c] for c in u.arrays} for p, u in updates.items()}
         d = self.defense
-        decision = decide_round(deltas, self._vectors, self.layouts, self.reputation, server_round,
+        rng = np.random.default_rng([self.registry.run.seed, server_round, 0x7757])
+        decision = decide_round(stack_deltas(updates, self._vectors), self._vectors, self.layouts,
+                                self.reputation, server_round, rng,
                                 trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
                                 warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm)

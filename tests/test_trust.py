@@ -142,8 +142,12 @@ def test_reputation_threshold_and_round_trip():
         trust.Reputation.from_json({"points": {"1": -3}})
 
 
-def _deltas(n=10, p=64):
-    return {c: {"fusion.shared": (RNG.standard_normal(p) * 0.01).astype(np.float32)} for c in range(n)}
+def _updates(n=10, p=64):
+    deltas = (RNG.standard_normal((n, p)) * 0.01).astype(np.float32)
+    return {"fusion.shared": trust.ComponentUpdates(list(range(n)), deltas)}
+
+
+LAYOUTS = {"fusion.shared": layout(**{"a": (32,), "b": (32,)})}
 
 
 @pytest.mark.parametrize("spoil,reason", [
@@ -152,27 +156,53 @@ def _deltas(n=10, p=64):
     (lambda v: v * 1e6, "absurd-norm"),
 ])
 def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
-    deltas = _deltas()
-    deltas[3]["fusion.shared"] = spoil(deltas[3]["fusion.shared"]).astype(np.float32)
-    bad = trust.screen_updates(deltas, max_relative_norm=100.0)
+    updates = _updates()
+    rows = updates["fusion.shared"].deltas
+    rows[3] = spoil(rows[3])
+    bad, _ = trust.screen_updates(updates, LAYOUTS, 100.0, np.random.default_rng(0))
     assert list(bad) == [3] and bad[3].startswith(reason)
 
 
 def test_exact_copies_are_screened_out_together():
-    deltas = _deltas()
-    deltas[5]["fusion.shared"] = deltas[2]["fusion.shared"].copy()
-    assert sorted(trust.screen_updates(deltas, 100.0)) == [2, 5]
+    updates = _updates()
+    rows = updates["fusion.shared"].deltas
+    rows[5] = rows[2]
+    bad, _ = trust.screen_updates(updates, LAYOUTS, 100.0, np.random.default_rng(0))
+    assert sorted(bad) == [2, 5]
+
+
+def test_layer_norms_come_from_one_pass_and_match_numpy():
+    updates = _updates()
+    sq = trust.layer_sq_norms(updates["fusion.shared"].deltas, LAYOUTS["fusion.shared"])
+    d = updates["fusion.shared"].deltas
+    np.testing.assert_allclose(sq, np.stack([(d[:, :32] ** 2).sum(1), (d[:, 32:] ** 2).sum(1)], 1), rtol=1e-5)
+
+
+def test_the_coordinate_sample_is_blocks_fresh_each_draw_and_everything_when_small():
+    rng = np.random.default_rng(0)
+    a, b = trust.coordinate_sample(10**6, rng), trust.coordinate_sample(10**6, rng)
+    assert len(a) == trust.SAMPLE and len(set(a)) == len(a) and (np.diff(a[:trust.BLOCK]) == 1).all()
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(trust.coordinate_sample(100, rng), np.arange(100))
+
+
+def test_sampled_indicators_agree_with_exact_ones_on_large_updates():
+    deltas = RNG.standard_normal((6, 200_000)).astype(np.float32)
+    deltas[5, :2000] *= 20  # a spiky update
+    sample = trust.coordinate_sample(deltas.shape[1], np.random.default_rng(1))
+    exact, sampled = trust.spikiness(deltas), trust.spikiness(deltas[:, sample])
+    np.testing.assert_allclose(sampled, exact, rtol=0.25)
+    assert sampled[5] > 3 * sampled[:5].max()
 
 
 def test_a_round_leaves_out_scaled_updates_and_reputation_drops_a_persistent_attacker():
-    lay = {"fusion.shared": layout(**{"a": (32,), "b": (32,)})}
     sent = {"fusion.shared": np.zeros(64, np.float32)}
     rep = trust.Reputation()
     for server_round in range(1, 8):
-        deltas = _deltas()
-        for attacker in (0, 1):
-            deltas[attacker]["fusion.shared"] *= 8
-        decision = trust.decide_round(deltas, sent, lay, rep, server_round, warmup_rounds=3)
+        updates = _updates()
+        updates["fusion.shared"].deltas[:2] *= 8  # clients 0 and 1
+        decision = trust.decide_round(updates, sent, LAYOUTS, rep, server_round, np.random.default_rng(server_round),
+                                      warmup_rounds=3)
         assert 0 not in decision.aggregated and 1 not in decision.aggregated
         assert len(decision.aggregated) >= 5
     assert rep.rate(0) < rep.threshold() and rep.rate(9) > rep.threshold()

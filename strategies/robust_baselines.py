@@ -1,0 +1,149 @@
+"""Robust-aggregation baselines, applied per component over the clients holding it.
+
+Flower's own rules (Krum, MultiKrum, Bulyan, FedMedian, FedTrimmedAvg) run unchanged on each
+component's replies; FLAME (HDBSCAN on cosine distances, norm clipping, noise) is ours. Clients
+hold different components, so a rule that compares whole updates compares each component's
+holders separately.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+
+from fedmm import protocol
+from fedmm.config import DefenseConfig
+from fedmm.protocol import ClientUpdate
+from strategies.component_fedavg import AggregateResult, ComponentFedAvg, Rejection
+from strategies.nodes import NodeRegistry
+
+# A rule maps one component's holders (their vectors and weights) to the component's new vector,
+# or None to keep it unchanged this round.
+ComponentRule = Callable[[int, list[np.ndarray], list[float], np.ndarray], "np.ndarray | None"]
+
+
+def assumed_attackers(holders: int, configured: int, per_attacker: int = 2) -> int:
+    """Attackers a Krum-style rule may assume among `holders`: the configured count (or 30%),
+    capped so the rule stays defined (n > per_attacker x f + 2)."""
+    wanted = configured or int(0.3 * holders)
+    return max(0, min(wanted, (holders - 3) // per_attacker))
+
+
+def _replies(vectors: list[np.ndarray], weights: list[float]) -> list[Message]:
+    """Each holder's component as the one-array reply Flower's strategies read."""
+    out = []
+    for i, (vector, weight) in enumerate(zip(vectors, weights)):
+        metadata = Metadata(run_id=0, message_id=f"component-{i}", src_node_id=i + 1, dst_node_id=0,
+                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                            message_type="train")
+        content = RecordDict({protocol.ARRAYS: ArrayRecord({"v": Array(vector)}),
+                              protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: int(weight)})})
+        out.append(Message(metadata=metadata, content=content))
+    return out
+
+
+def flower_rule(name: str, defense: DefenseConfig) -> ComponentRule:
+    """One of Flower's robust strategies as a per-component rule."""
+
+    def make(n: int) -> Strategy:
+        if name == "krum":
+            return Krum(num_malicious_nodes=assumed_attackers(n, defense.num_malicious))
+        if name == "multikrum":
+            f = assumed_attackers(n, defense.num_malicious)
+            return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=n - f)
+        if name == "bulyan":
+            return Bulyan(num_malicious_nodes=assumed_attackers(n, defense.num_malicious, per_attacker=4))
+        if name == "median":
+            return FedMedian()
+        if name == "trimmed_mean":
+            return FedTrimmedAvg(beta=defense.trim_fraction)
+        raise ValueError(f"unknown Flower rule {name!r}")
+
+    def rule(server_round: int, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
+        arrays, _ = make(len(vectors)).aggregate_train(server_round, _replies(vectors, weights))
+        return None if arrays is None else arrays["v"].numpy().astype(np.float32)
+
+    return rule
+
+
+def flame_rule(noise_factor: float = 0.001, seed: int = 0) -> ComponentRule:
+    """FLAME (Nguyen et al., 2022): HDBSCAN over pairwise cosine distances of the updates (min
+    cluster size n/2 + 1), keep the largest cluster, clip each kept update to the median norm of all,
+    average, add Gaussian noise of std noise_factor x that norm."""
+    from sklearn.cluster import HDBSCAN
+
+    def rule(server_round: int, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
+        deltas = np.stack(vectors) - sent
+        n = len(deltas)
+        norms = np.linalg.norm(deltas, axis=1)
+        keep = np.ones(n, dtype=bool)
+        if n >= 3:
+            unit = deltas / np.maximum(norms, 1e-12)[:, None]
+            distances = np.clip(1.0 - unit @ unit.T, 0.0, 2.0).astype(np.float64)
+            labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
+                             allow_single_cluster=True).fit_predict(distances)
+            if (labels >= 0).any():
+                keep = labels == np.bincount(labels[labels >= 0]).argmax()
+        clip = float(np.median(norms))
+        clipped = deltas[keep] * np.minimum(1.0, clip / np.maximum(norms[keep], 1e-12))[:, None]
+        rng = np.random.default_rng([seed, server_round, n])
+        noise = rng.standard_normal(deltas.shape[1]) * noise_factor * clip
+        return (sent + clipped.mean(axis=0) + noise).astype(np.float32)
+
+    return rule
+
+
+def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Mapping[str, np.ndarray],
+                        rule: ComponentRule, name: str = "rule") -> dict[str, np.ndarray]:
+    """New vector of each component that had holders, by `rule` over them (unchanged where it declines)."""
+    out = {}
+    for component in sorted({c for u in updates for c in u.arrays}):
+        holders = [u for u in updates if component in u.arrays]
+        vectors = [np.array(u.arrays[component]) for u in holders]
+        weights = [u.component_weights[component] for u in holders]
+        new = rule(server_round, vectors, weights, sent[component])
+        if new is None:
+            log(WARNING, "round %d: %s keeps %s unchanged (%d holders)", server_round, name, component, len(holders))
+            continue
+        out[component] = new
+    return out
+
+
+class RobustComponentStrategy(ComponentFedAvg):
+    """ComponentFedAvg's sampling and validation, with a robust rule in place of the weighted mean."""
+
+    def __init__(self, registry: NodeRegistry, rule: ComponentRule, name: str, **kwargs) -> None:
+        super().__init__(registry, **kwargs)
+        self.rule = rule
+        self.name = name
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> aggregation rule per component: %s", self.name)
+
+    def combine(self, server_round: int, updates: list[ClientUpdate],
+                shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+        rejected: list[Rejection] = []
+        finite = []
+        for u in updates:
+            if all(np.isfinite(v).all() for v in u.arrays.values()):
+                finite.append(u)
+            else:
+                rejected.append((u.node_id, "non-finite", f"node {u.node_id} sent NaN or Inf values"))
+        arrays = aggregate_with_rule(server_round, finite, self.sent_vectors(), self.rule, self.name)
+        return AggregateResult(arrays, finite, rejected)
+
+
+def robust_strategy(defense: DefenseConfig, registry: NodeRegistry, seed: int, **kwargs) -> RobustComponentStrategy:
+    """The baseline `defense.name` names, per component."""
+    if defense.name == "flame":
+        rule = flame_rule(seed=seed)
+    else:
+        rule = flower_rule(defense.name, defense)
+    return RobustComponentStrategy(registry, rule, defense.name, **kwargs)
