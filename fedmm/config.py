@@ -156,6 +156,7 @@ class DefenseConfig:
     max_relative_norm: float = 100.0  # updates larger than this x the median norm are rejected outright
     num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
     trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
+    root_examples: int = 100  # fltrust: clean examples per task the server trains on
 
 
 @dataclass
@@ -450,6 +451,7 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
     for key in ("late_round", "warmup_rounds", "num_malicious"):
         _positive(f"defense.{key}", getattr(d, key), allow_zero=True)
     _positive("defense.max_relative_norm", d.max_relative_norm)
+    _positive("defense.root_examples", d.root_examples)
     from fedmm.attacks import resolve_attack
     from fedmm.tasks import task_specs
 

@@ -23,9 +23,9 @@ from fedmm.protocol import ClientUpdate
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, Rejection
 from strategies.nodes import NodeRegistry
 
-# A rule maps one component's holders (their vectors and weights) to the component's new vector,
-# or None to keep it unchanged this round.
-ComponentRule = Callable[[int, list[np.ndarray], list[float], np.ndarray], "np.ndarray | None"]
+# A rule maps (round, component, its holders' vectors and weights, the sent vector) to the
+# component's new vector, or None to keep it unchanged this round.
+ComponentRule = Callable[[int, str, list[np.ndarray], list[float], np.ndarray], "np.ndarray | None"]
 
 
 def assumed_attackers(holders: int, configured: int, per_attacker: int = 2) -> int:
@@ -65,7 +65,7 @@ def flower_rule(name: str, defense: DefenseConfig) -> ComponentRule:
             return FedTrimmedAvg(beta=defense.trim_fraction)
         raise ValueError(f"unknown Flower rule {name!r}")
 
-    def rule(server_round: int, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
+    def rule(server_round: int, component: str, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
         arrays, _ = make(len(vectors)).aggregate_train(server_round, _replies(vectors, weights))
         return None if arrays is None else arrays["v"].numpy().astype(np.float32)
 
@@ -78,7 +78,7 @@ def flame_rule(noise_factor: float = 0.001, seed: int = 0) -> ComponentRule:
     average, add Gaussian noise of std noise_factor x that norm."""
     from sklearn.cluster import HDBSCAN
 
-    def rule(server_round: int, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
+    def rule(server_round: int, component: str, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
         deltas = np.stack(vectors) - sent
         n = len(deltas)
         norms = np.linalg.norm(deltas, axis=1)
@@ -107,7 +107,7 @@ def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Ma
         holders = [u for u in updates if component in u.arrays]
         vectors = [np.array(u.arrays[component]) for u in holders]
         weights = [u.component_weights[component] for u in holders]
-        new = rule(server_round, vectors, weights, sent[component])
+        new = rule(server_round, component, vectors, weights, sent[component])
         if new is None:
             log(WARNING, "round %d: %s keeps %s unchanged (%d holders)", server_round, name, component, len(holders))
             continue
@@ -140,8 +140,44 @@ class RobustComponentStrategy(ComponentFedAvg):
         return AggregateResult(arrays, finite, rejected)
 
 
+def fltrust_weights(deltas: np.ndarray, server_delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FLTrust (Cao et al., 2021): trust ReLU(cos(Δ_i, g0)) and each Δ_i rescaled to ||g0||."""
+    g_norm = float(np.linalg.norm(server_delta))
+    norms = np.linalg.norm(deltas, axis=1)
+    cos = deltas @ server_delta / np.maximum(norms * g_norm, 1e-12)
+    return np.maximum(cos, 0.0), deltas * (g_norm / np.maximum(norms, 1e-12))[:, None]
+
+
+class FLTrustStrategy(RobustComponentStrategy):
+    """FLTrust per component: the server's own update on its root set (`root_update`) is the yardstick."""
+
+    def __init__(self, registry: NodeRegistry, root_update: Callable[[Mapping[str, np.ndarray], int], dict],
+                 **kwargs) -> None:
+        super().__init__(registry, rule=lambda *a: None, name="fltrust", **kwargs)
+        self.root_update = root_update
+
+    def combine(self, server_round: int, updates: list[ClientUpdate],
+                shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+        sent = self.sent_vectors()
+        server = self.root_update(sent, server_round)
+
+        def rule(_round: int, component: str, vectors: list[np.ndarray], weights: list[float], base: np.ndarray):
+            trust, rescaled = fltrust_weights(np.stack(vectors) - base, server[component])
+            if trust.sum() <= 0:
+                return None
+            return (base + (trust / trust.sum()).astype(np.float32) @ rescaled).astype(np.float32)
+
+        self.rule = rule
+        return super().combine(server_round, updates, shapes)
+
+
 def robust_strategy(defense: DefenseConfig, registry: NodeRegistry, seed: int, **kwargs) -> RobustComponentStrategy:
     """The baseline `defense.name` names, per component."""
+    if defense.name == "fltrust":
+        from fedmm.root_update import root_update
+
+        run = registry.run
+        return FLTrustStrategy(registry, lambda vectors, r: root_update(run, vectors, r), **kwargs)
     if defense.name == "flame":
         rule = flame_rule(seed=seed)
     else:

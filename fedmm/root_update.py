@@ -1,0 +1,50 @@
+"""FLTrust's server update: the global model trained briefly on a small clean root set the server holds.
+
+The root set of a generated task is fresh data from the task's generator (a seed no client uses);
+for a Hugging Face task it is the first `defense.root_examples` rows, which clients may also hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedmm.config import RunConfig
+from fedmm.data import make_synthetic_task, task_dataset
+from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.training import TaskTensors, encode_split, lr_at, resolve_device, train_local
+
+_ROOT_SEED_OFFSET = 1_000_003
+_ROOT: dict[tuple, dict[str, TaskTensors]] = {}
+
+
+def root_data(run: RunConfig, tasks: list[str]) -> dict[str, TaskTensors]:
+    key = (run.seed, run.defense.root_examples, run.data.source, tuple(tasks))
+    if key not in _ROOT:
+        bank = module_bank(run)
+        data = {}
+        for task in tasks:
+            if run.data.source == "synthetic":
+                ds = make_synthetic_task(task, run.defense.root_examples, run.seed + _ROOT_SEED_OFFSET,
+                                         run.model.image_size)
+            else:
+                full = task_dataset(run, task)
+                ds = full.select(range(min(run.defense.root_examples, len(full))))
+            modalities = bank.specs[task].modalities
+            data[task] = encode_split(ds, modalities, bank.tokenizer() if "text" in modalities else None,
+                                      bank.image_size() if "image" in modalities else 0)
+        _ROOT[key] = data
+    return _ROOT[key]
+
+
+def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
+    """Per component, the server's update (trained - sent) after `train.local_steps` on the root set."""
+    tasks = sorted({t for ts in run.clients.profiles.values() for t in ts})
+    components = client_components(tasks, run)
+    model = module_bank(run).model(tasks)
+    load_component_vectors(model, {c: vectors[c] for c in components}, components)
+    train_local(model, root_data(run, tasks), run.train, lr_at(server_round, run.rounds, run.train),
+                seed=run.seed * 7919 + server_round, device=resolve_device(run.train.device))
+    trained = component_vectors(model, components)
+    return {c: trained[c] - vectors[c] for c in components}
