@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmm.config import load_config, to_dict  # noqa: E402
+from benchmarks.runs import simulate_cached  # noqa: E402
 
 METHODS = ("tap", "fedavg", "fedavg_ft", "local", "tap_no_distill")
 TASKS = ("img_shape", "txt_color", "vqa")
@@ -43,17 +42,9 @@ FEDERATION = [
 
 def run_one(method: str, seed: int, out: Path, extra: list[str]) -> dict:
     """One run, or the summary a finished run with exactly this config left in its folder."""
-    folder = out / f"{method}-seed{seed}"
-    overrides = [*FEDERATION, f"personal.method={method}", f"seed={seed}", *extra]
-    wanted = to_dict(load_config(overrides=[*overrides, f"out={folder}"]))
     start = time.monotonic()
-    done = folder / "summary.json"
-    if not (done.is_file() and json.loads(done.read_text())["config"] == wanted):
-        cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(done.read_text())
+    summary = simulate_cached(out / f"{method}-seed{seed}", [*FEDERATION, f"personal.method={method}",
+                                                              f"seed={seed}", *extra])
     per_client = summary["final.per_client"]
     client_means = [np.mean([v for k, v in scores.items() if k.startswith("personal.")])
                     for scores in per_client.values()]

@@ -127,8 +127,9 @@ def _losses(scores: Mapping[str, TaskScore]) -> dict[str, float]:
     return {t: s.loss for t, s in scores.items()}
 
 
-def _mean(values: Mapping[str, float]) -> float:
-    return float(np.mean(list(values.values())))
+def _improves(new: Mapping[str, float], old: Mapping[str, float]) -> bool:
+    """No task's loss is worse and at least one is better: shared modules must not trade one task for another."""
+    return all(new[t] <= old[t] for t in old) and any(new[t] < old[t] for t in old)
 
 
 class _Session:
@@ -229,9 +230,9 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
 
     With `personal.distill_gate` the held-out validation split guards both ends: a task is distilled
     only when the teacher's validation loss beats the personal model's (the test the replacement rule
-    applies), and the distilled student is kept only when its mean validation loss over the client's
-    tasks beats the personal model's; a weaker teacher, or distillation through modules shared with a
-    task that was not distilled, would otherwise pull the personal model down.
+    applies), and the distilled student is kept only when its validation loss is no worse on any of
+    the client's tasks and better on one; a weaker teacher, or distillation through modules shared
+    with another task, would otherwise pull the personal model down.
     """
     method, p = run.personal.method, run.personal
     if method not in ("fedavg_ft", "tap"):
@@ -263,7 +264,7 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
     kd = Distillation({t: teacher[t] for t in tasks}, p.distill_temperature, p.distill_weight)
     result = train_local(s.model, {t: data[t] for t in tasks}, _steps(run.train, p.distill_steps), lr,
                          _seed(run, me, run.rounds + 1, "distill"), s.device, kd)
-    kept = not p.distill_gate or _mean(_losses(s.scores("val"))) < _mean(personal_loss)
+    kept = not p.distill_gate or _improves(_losses(s.scores("val")), personal_loss)
     store.save_tensors("personal", s.vectors() if kept else personal)
     return metrics | {"distill-kept": float(kept)} | {f"distill-loss.{t}": v for t, v in result.loss.items()}
 

@@ -1,0 +1,104 @@
+"""Robustness: clean accuracy and attack success for every attack x every defence, fixed seeds.
+
+Runs `fedmm simulate` (Ray) once per (attack, defence, seed) on one setting: 20 clients of the
+default three profiles, 30% malicious, Dirichlet 0.5, 20 rounds. Writes `robustness.md` and
+`robustness.json` to --out and prints the JSON summary as its last line. Clean accuracy is the
+final global accuracy averaged over tasks; attack success is the backdoor success rate (triggered
+test inputs whose true label is not the target, classified as the target) where the attack plants
+a backdoor. A run whose folder holds a finished run with the same config is read back.
+
+The full grid is 10 x 9 runs per seed at the default model (hours on 2 CPUs); `--attacks` and
+`--defenses` pick a part of it, and `--small` shrinks the model and the data for a quick pass.
+
+    python benchmarks/robustness.py --attacks backdoor scaling --defenses none trust median
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.runs import simulate_cached  # noqa: E402
+from fedmm.attacks import ATTACKS  # noqa: E402
+
+ATTACK_NAMES = ("none", *ATTACKS)
+DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
+SETTING = ["clients.num=20", "data.dirichlet_alpha=0.5", "rounds=20", "data.examples_per_task=3000"]
+SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "train.local_steps=15", "rounds=12"]
+TASKS = ("img_shape", "txt_color", "vqa")
+
+
+def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -> dict:
+    overrides = [*SETTING, f"defense.name={defense}", f"seed={seed}", *extra]
+    if attack != "none":
+        overrides += [f"attack.name={attack}", "attack.fraction=0.3"]
+    summary = simulate_cached(out / f"{attack}-{defense}-seed{seed}", overrides)
+    result = {
+        "attack": attack, "defense": defense, "seed": seed,
+        "clean_accuracy": float(np.mean([summary[f"final.global.{t}.accuracy"] for t in TASKS])),
+        "attack_success": summary.get("final.attack.success_rate"),
+        "detection_precision": summary.get("detection.precision"),
+        "detection_recall": summary.get("detection.recall"),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _cell(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.3f}" if values else "–"
+
+
+def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
+    """Rows: attacks; columns: defences; each cell clean accuracy / attack success (mean over seeds).
+    A trust cell that loses to the best baseline on attack success is marked."""
+    lines = ["| attack | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 1) + "|"]
+    for attack in attacks:
+        cells, success = [], {}
+        for defense in defenses:
+            mine = [r for r in results if r["attack"] == attack and r["defense"] == defense]
+            acc = _cell([r["clean_accuracy"] for r in mine])
+            asr = [r["attack_success"] for r in mine if r["attack_success"] is not None]
+            success[defense] = float(np.mean(asr)) if asr else None
+            cells.append(f"{acc} / {_cell(asr)}")
+        if "trust" in defenses and success.get("trust") is not None:
+            others = [v for d, v in success.items() if d not in ("trust", "none") and v is not None]
+            i = defenses.index("trust")
+            if others and success["trust"] > min(others) + 0.01:
+                cells[i] += " (loses)"
+            if success["trust"] > 0.05:
+                cells[i] += " (fails)"
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACK_NAMES), choices=ATTACK_NAMES)
+    parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--small", action="store_true", help="a smaller model and fewer rounds (a quick pass)")
+    parser.add_argument("--out", default="results/robustness")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [*(SMALL if args.small else []), *args.overrides]
+    results = [run_one(a, d, s, out, extra) for s in range(args.seeds) for a in args.attacks for d in args.defenses]
+    setting = " ".join([*SETTING, *extra, "attack.fraction=0.3"])
+    md = (f"Clean accuracy (mean over tasks) / attack success rate, mean over {args.seeds} seed(s); "
+          f"`{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
+          f"baseline holds the attack lower.\n\n{table(results, args.attacks, args.defenses)}\n")
+    (out / "robustness.md").write_text(md)
+    (out / "robustness.json").write_text(json.dumps(results, indent=2))
+    print(md)
+    print(json.dumps({"benchmark": "robustness", "setting": setting, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
