@@ -373,19 +373,34 @@ def layer_slices(layout: ComponentLayout) -> list[slice]:
 
 @dataclass
 class Reputation:
-    """Per client id: reputation points (+1 per aggregated round, +1 per passed inspection) and rounds
-    taken part in. Clients are compared by points per participation, so a client sampled rarely is
-    not mistaken for a bad one."""
+    """Per client id: integer reputation points (+1 per aggregated round, +1 per passed inspection, +1
+    for a trusted round the reputation cut held out) and rounds taken part in, in total and over the
+    last WINDOW participations. Clients are compared by their recent points per participation: a
+    client sampled rarely is not mistaken for a bad one, and an honest client held out for a bad
+    stretch recovers within a window."""
 
     points: dict[int, int] = field(default_factory=dict)
     participations: dict[int, int] = field(default_factory=dict)
+    recent: dict[int, list[int]] = field(default_factory=dict)  # points earned in each recent participation
+
+    WINDOW = 10
+
+    def participate(self, client: int) -> None:
+        self.participations[client] = self.participations.get(client, 0) + 1
+        self.recent[client] = [*self.recent.get(client, []), 0][-self.WINDOW :]
+
+    def award(self, client: int) -> None:
+        self.points[client] = self.points.get(client, 0) + 1
+        if self.recent.get(client):
+            self.recent[client][-1] += 1
 
     def rate(self, client: int) -> float:
-        return self.points.get(client, 0) / max(self.participations.get(client, 0), 1)
+        recent = self.recent.get(client, [])
+        return sum(recent) / max(len(recent), 1)
 
     def threshold(self) -> float:
-        """median - MAD of the known clients' rates: below it a client is dropped after warm-up."""
-        rates = np.array([self.rate(c) for c in self.participations])
+        """median - MAD of the known clients' recent rates: below it a client is held out after warm-up."""
+        rates = np.array([self.rate(c) for c in self.recent])
         if not len(rates):
             return -math.inf
         med = float(np.median(rates))
@@ -393,19 +408,27 @@ class Reputation:
 
     def to_json(self) -> dict:
         return {"points": {str(k): v for k, v in sorted(self.points.items())},
-                "participations": {str(k): v for k, v in sorted(self.participations.items())}}
+                "participations": {str(k): v for k, v in sorted(self.participations.items())},
+                "recent": {str(k): v for k, v in sorted(self.recent.items())}}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "Reputation":
-        def ints(d: Mapping) -> dict[int, int]:
+        def count(k: object, v: object) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"reputation of client {k!r} must hold non-negative integers, got {v!r}")
+            return v
+
+        def lists(d: Mapping) -> dict[int, list[int]]:
             out = {}
             for k, v in d.items():
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ValueError(f"reputation of client {k!r} must be a non-negative integer, got {v!r}")
-                out[int(k)] = v
+                if not isinstance(v, list) or len(v) > cls.WINDOW:
+                    raise ValueError(f"recent reputation of client {k!r} must be a list of at most {cls.WINDOW}")
+                out[int(k)] = [count(k, x) for x in v]
             return out
 
-        return cls(ints(data.get("points", {})), ints(data.get("participations", {})))
+        return cls({int(k): count(k, v) for k, v in data.get("points", {}).items()},
+                   {int(k): count(k, v) for k, v in data.get("participations", {}).items()},
+                   lists(data.get("recent", {})))
 
 
 # --- one round ------------------------------------------------------------------------------------
@@ -503,10 +526,10 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     inspection = _inspect(components, layouts, category, rng)
     need = pass_early if server_round <= late_round else pass_late
     for c in clients:
-        reputation.participations[c] = reputation.participations.get(c, 0) + 1
+        reputation.participate(c)
     passed = [c for c, share in inspection.items() if share >= need]
     for c in passed:
-        reputation.points[c] = reputation.points.get(c, 0) + 1
+        reputation.award(c)
     for c, share in inspection.items():
         if c not in passed:
             dropped[c] = f"inspection: honest on {share:.0%} of layers, {need:.0%} needed"
@@ -520,12 +543,14 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
             if reputation.rate(c) < floor:
                 candidates.remove(c)
                 dropped[c] = f"reputation: {reputation.rate(c):.2f} per round, below {floor:.2f}"
+                if category[c] == TRUSTED:  # held out by its past alone: a trusted round still counts
+                    reputation.award(c)
     if not candidates:  # never leave a round without an aggregate while trusted clients exist
         candidates = [c for c in clients if category[c] == TRUSTED]
         for c in candidates:
             dropped.pop(c, None)
     for c in candidates:
-        reputation.points[c] = reputation.points.get(c, 0) + 1
+        reputation.award(c)
     return RoundDecision(candidates, category, trust, inspection, dropped, scored)
 
 

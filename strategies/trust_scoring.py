@@ -117,6 +117,7 @@ class TrustScoring(Strategy):
         for p, entry in report.items():
             entry["reputation"] = self.reputation.points.get(p, 0)
             entry["participations"] = self.reputation.participations.get(p, 0)
+            entry["reputation_rate"] = self.reputation.rate(p)
         return report
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

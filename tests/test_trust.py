@@ -135,11 +135,20 @@ def test_clustering_finds_no_group_in_one_cloud():
 
 
 def test_reputation_threshold_and_round_trip():
-    rep = trust.Reputation(points={1: 10, 2: 9, 3: 10, 4: 1}, participations={1: 10, 2: 10, 3: 10, 4: 10})
+    rep = trust.Reputation()
+    for _ in range(12):
+        for c in (1, 2, 3, 4):
+            rep.participate(c)
+        for c in (1, 2, 3):
+            rep.award(c)
+    rep.award(1)
     assert rep.rate(4) < rep.threshold() <= rep.rate(2)
+    assert rep.points[1] == 13 and rep.participations[4] == 12 and len(rep.recent[1]) == rep.WINDOW
     assert trust.Reputation.from_json(rep.to_json()) == rep
     with pytest.raises(ValueError, match="client '1'"):
         trust.Reputation.from_json({"points": {"1": -3}})
+    with pytest.raises(ValueError, match="at most"):
+        trust.Reputation.from_json({"recent": {"1": [1] * 20}})
 
 
 def _updates(n=10, p=64):
@@ -206,3 +215,19 @@ def test_a_round_leaves_out_scaled_updates_and_reputation_drops_a_persistent_att
         assert 0 not in decision.aggregated and 1 not in decision.aggregated
         assert len(decision.aggregated) >= 5
     assert rep.rate(0) < rep.threshold() and rep.rate(9) > rep.threshold()
+
+
+def test_an_honest_client_held_out_by_its_past_recovers_once_trusted_again():
+    sent = {"fusion.shared": np.zeros(64, np.float32)}
+    rep = trust.Reputation()
+    for _ in range(10):
+        for c in range(10):
+            rep.participate(c)
+            if c != 3:  # a bad past
+                rep.award(c)
+    held_out = []
+    for server_round in range(11, 40):
+        decision = trust.decide_round(_updates(), sent, LAYOUTS, rep, server_round,
+                                      np.random.default_rng(server_round), warmup_rounds=3)
+        held_out.append(3 not in decision.aggregated)
+    assert held_out[0] and not all(held_out[-5:])
