@@ -76,3 +76,13 @@ def test_every_baseline_runs_a_heterogeneous_federation(tmp_path, defense):
     summary = run_federation(LocalGrid(make_client_app(run), 5), run)
     for task in ("img_shape", "txt_color", "vqa"):
         assert 0 <= summary[f"final.global.{task}.accuracy"] <= 1
+
+
+def test_a_baseline_cannot_combine_with_a_plain_flower_strategy(tmp_path):
+    from fedmm.config import ConfigError
+    from server_app.runner import check_strategy
+
+    run = load_config(overrides=[*FAST, "clients.profiles.all=img_shape", "defense.name=krum",
+                                 "strategy.name=flwr.serverapp.strategy.FedAvg", f"out={tmp_path}"])
+    with pytest.raises(ConfigError, match="defense.name"):
+        check_strategy(run)
