@@ -60,3 +60,23 @@ def test_bad_config_stops_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown config key 'train.lrr'" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_attacked_simulation_with_trust_scoring_on_real_ray(tmp_path):
+    out = tmp_path / "attacked"
+    tiny = ["clients.num=6", "rounds=2", "data.examples_per_task=480", "model.hidden_size=32",
+            "model.intermediate_size=64", "model.fusion_dim=16", "train.local_steps=5"]
+    proc = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(out), *tiny,
+                           "attack.name=scaling", "attack.fraction=0.34", "defense.name=trust"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["attack.malicious_clients"]) == 2
+    assert 0 <= summary["final.attack.success_rate"] <= 1
+    assert summary["detection.client_rounds_malicious"] == 4
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reports = [r["trust"] for r in rounds if "trust" in r]
+    assert len(reports) == 2 and all(set(r) == {str(p) for p in range(6)} for r in reports)
+    assert (out / "trust.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "round-0002.trust.json").is_file()
