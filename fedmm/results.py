@@ -128,9 +128,10 @@ def trust_matrix(history: list[dict[str, Any]], clients: int) -> np.ndarray:
     return out
 
 
-def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict[str, float]:
+def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict[str, float | None]:
     """Precision and recall of the defence's exclusions over client-rounds: a client-round is flagged
-    when the client's update was not aggregated; positives are the malicious clients' rounds."""
+    when the client's update was not aggregated; positives are the malicious clients' rounds. None
+    where undefined (nothing flagged, no attacker)."""
     flagged = hits = positives = 0
     for record in history:
         for client, entry in record.get("trust", {}).items():
@@ -139,8 +140,8 @@ def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict
             positives += bad
             flagged += dropped
             hits += bad and dropped
-    return {"detection.precision": hits / flagged if flagged else math.nan,
-            "detection.recall": hits / positives if positives else math.nan,
+    return {"detection.precision": hits / flagged if flagged else None,
+            "detection.recall": hits / positives if positives else None,
             "detection.client_rounds_flagged": float(flagged), "detection.client_rounds_malicious": float(positives)}
 
 

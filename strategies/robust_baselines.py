@@ -87,7 +87,7 @@ def flame_rule(noise_factor: float = 0.001, seed: int = 0) -> ComponentRule:
             unit = deltas / np.maximum(norms, 1e-12)[:, None]
             distances = np.clip(1.0 - unit @ unit.T, 0.0, 2.0).astype(np.float64)
             labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
-                             allow_single_cluster=True).fit_predict(distances)
+                             allow_single_cluster=True, copy=True).fit_predict(distances)
             if (labels >= 0).any():
                 keep = labels == np.bincount(labels[labels >= 0]).argmax()
         clip = float(np.median(norms))
