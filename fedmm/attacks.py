@@ -100,8 +100,10 @@ def neurotoxin(deltas: np.ndarray, ctx: AttackContext) -> np.ndarray:
 
 def alie_z(num_clients: int, num_malicious: int) -> float:
     """Baruch et al.'s z_max: the most deviation that still leaves the attackers inside the majority."""
-    supporters = num_clients // 2 + 1 - num_malicious
-    return float(normal_dist.ppf(max(num_clients - supporters, 1) / num_clients))
+    # Attackers that are already a majority need no deviation to hide; cap the quantile below 1
+    # so z stays finite.
+    supporters = max(num_clients // 2 + 1 - num_malicious, 1)
+    return float(normal_dist.ppf(min(max(num_clients - supporters, 1) / num_clients, 1 - 0.5 / num_clients)))
 
 
 def alie(deltas: np.ndarray, ctx: AttackContext) -> np.ndarray:
@@ -166,7 +168,7 @@ def malicious_clients(run: RunConfig) -> frozenset[int]:
     """Partition ids of the malicious clients: round(fraction × clients), drawn with the run's seed."""
     if run.attack.name == "none":
         return frozenset()
-    count = int(round(run.attack.fraction * run.clients.num))
+    count = max(1, int(round(run.attack.fraction * run.clients.num)))  # fraction > 0 means at least one
     rng = np.random.default_rng([run.seed, 0xA77AC])
     return frozenset(int(i) for i in rng.choice(run.clients.num, size=count, replace=False))
 

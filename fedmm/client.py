@@ -94,7 +94,10 @@ BACKDOOR_SPLIT = "backdoor"
 def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, TaskTensors]:
     """Encoded tensors of one split (train / val / test / backdoor) of each of this client's tasks."""
     holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
-    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split)
+    # The attack decides what a malicious client's training data and the backdoor split hold.
+    attacked = (run.attack.name, run.attack.data, run.attack.fraction, run.attack.target, run.attack.poison_fraction,
+                run.attack.trigger_size, run.attack.trigger_token)
+    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split, attacked)
     if key not in _SPLITS:
         bank = module_bank(run)
         data = {}
@@ -257,7 +260,7 @@ def distill(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray]
         tasks = [t for t in tasks if teacher_loss[t] < personal_loss[t]]
     else:
         s.load(personal)
-    metrics = {f"distilled.{t}": float(t in tasks) for t in me.tasks}
+    metrics = {f"distilled.{t}": float(t in tasks) for t in me.tasks}  # tried; `distill-kept` says if kept
     if not tasks:
         store.save_tensors("personal", personal)
         return metrics | {"distill-kept": 0.0}

@@ -92,10 +92,11 @@ class RunResults:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(1.5 + 0.35 * matrix.shape[1], 1.5 + 0.22 * clients))
+        fig, ax = plt.subplots(figsize=(min(2.5 + 0.35 * matrix.shape[1], 16), min(1.5 + 0.22 * clients, 16)))
         image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           extent=(0.5, matrix.shape[1] + 0.5, clients - 0.5, -0.5))
-        ax.set_yticks(range(clients), [f"{c}{' *' if c in malicious else ''}" for c in range(clients)])
+        if clients <= 60:  # beyond that the labels would overlap
+            ax.set_yticks(range(clients), [f"{c}{' *' if c in malicious else ''}" for c in range(clients)])
         ax.set_xlabel("round")
         ax.set_ylabel("client (* malicious)")
         fig.colorbar(image, ax=ax, label="trust score")

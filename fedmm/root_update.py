@@ -1,12 +1,15 @@
 """FLTrust's server update: the global model trained briefly on a small clean root set the server holds.
 
 The root set of a generated task is fresh data from the task's generator (a seed no client uses);
-for a Hugging Face task it is the first `defense.root_examples` rows, which clients may also hold.
+for a Hugging Face task it is a seeded random sample of `defense.root_examples` rows, which clients
+may also hold, in their training or test splits: a stored dataset has no rows the federation lacks.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import asdict
 
 import numpy as np
 
@@ -20,7 +23,8 @@ _ROOT: dict[tuple, dict[str, TaskTensors]] = {}
 
 
 def root_data(run: RunConfig, tasks: list[str]) -> dict[str, TaskTensors]:
-    key = (run.seed, run.defense.root_examples, run.data.source, tuple(tasks))
+    key = (json.dumps([asdict(run.data), asdict(run.model), run.seed, run.defense.root_examples], sort_keys=True),
+           tuple(tasks))
     if key not in _ROOT:
         bank = module_bank(run)
         data = {}
@@ -30,7 +34,9 @@ def root_data(run: RunConfig, tasks: list[str]) -> dict[str, TaskTensors]:
                                          run.model.image_size)
             else:
                 full = task_dataset(run, task)
-                ds = full.select(range(min(run.defense.root_examples, len(full))))
+                rng = np.random.default_rng([run.seed, _ROOT_SEED_OFFSET])
+                ds = full.select(np.sort(rng.choice(len(full), min(run.defense.root_examples, len(full)),
+                                                    replace=False)))
             modalities = bank.specs[task].modalities
             data[task] = encode_split(ds, modalities, bank.tokenizer() if "text" in modalities else None,
                                       bank.image_size() if "image" in modalities else 0)

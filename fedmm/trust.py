@@ -99,7 +99,7 @@ def robust_reference(deltas: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """Mean of the updates after clipping each to the median norm: no single client can dominate it."""
     clip = float(np.median(norms))
     factors = np.minimum(1.0, clip / np.maximum(norms, _EPS))
-    return (factors / len(factors)).astype(np.float32) @ deltas
+    return (factors / len(factors)).astype(deltas.dtype) @ deltas
 
 
 def spikiness(deltas: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def sign_agreement(deltas: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
     Σ|Δ_j|·[sign Δ_j = sign r_j] / Σ|Δ_j| = (Δ·sign(r) + ||Δ||₁) / (2 ||Δ||₁), over r_j ≠ 0.
     """
-    signs = np.sign(reference).astype(np.float32)
+    signs = np.sign(reference).astype(deltas.dtype)
     l1 = np.abs(deltas) @ np.abs(signs)
     return (deltas @ signs + l1) / np.maximum(2 * l1, _EPS)
 
@@ -137,20 +137,14 @@ def coordinate_sample(size: int, rng: np.random.Generator, count: int = SAMPLE, 
     return (starts[:, None] + np.arange(block)).ravel()
 
 
-def layer_sq_norms(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
-    """(N, layers) squared L2 norm of each client's update of each tensor; one pass over the updates."""
-    import torch
-
-    t = torch.from_numpy(deltas)
-    columns = [torch.linalg.vector_norm(t[:, sl], dim=1) for sl in layer_slices(layout)]
-    return torch.stack(columns, dim=1).numpy().astype(np.float64) ** 2
-
-
 def row_norms(deltas: np.ndarray) -> np.ndarray:
     """Exact L2 norm of each row (multi-threaded, one pass, no temporary)."""
     import torch
 
-    return torch.linalg.vector_norm(torch.from_numpy(deltas), dim=1).numpy().astype(np.float64)
+    norms = torch.linalg.vector_norm(torch.from_numpy(deltas), dim=1).numpy().astype(np.float64)
+    for i in np.flatnonzero(~np.isfinite(norms)):  # float32 overflow (or a NaN): redo that row in float64
+        norms[i] = np.linalg.norm(deltas[i].astype(np.float64))
+    return norms
 
 
 def lora_delta_cores(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> list[np.ndarray]:
@@ -228,7 +222,7 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
     the sampled indicators read.
     """
     kind = component_kind(component, layout)
-    part = deltas[:, sample]
+    part = deltas[:, sample].astype(np.float64)  # float64: finite float32 updates cannot overflow here
     part_norms = np.linalg.norm(part, axis=1).astype(np.float64)
     reference = robust_reference(part, part_norms)
     cosine = (part @ reference) / np.maximum(part_norms * float(np.linalg.norm(reference)), _EPS)
@@ -250,7 +244,10 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
     judged["norm"] = outlier_score(np.log(np.maximum(update_norm, _EPS)), "both")
     weights = KIND_WEIGHTS[kind]
     trust = sum(weights[k] * judged[k] for k in weights) / sum(weights.values())
-    return ComponentTrust(list(client_ids), raw, judged, np.asarray(trust))
+    # An indicator that cannot be computed is no evidence of honesty: the worst score.
+    trust = np.where(np.isfinite(trust), trust, 0.0)
+    raw = {k: np.where(np.isfinite(v), v, 0.0) for k, v in raw.items()}  # reports are strict JSON
+    return ComponentTrust(list(client_ids), raw, judged, trust)
 
 
 # --- the split -------------------------------------------------------------------------------------
@@ -261,9 +258,10 @@ TRUSTED, SUSPICIOUS, REJECTED = "trusted", "suspicious", "rejected"
 def split_by_rank(scores: Mapping[int, float], trusted_fraction: float, rejected_fraction: float) -> dict[int, str]:
     """Top `trusted_fraction` trusted, bottom `rejected_fraction` rejected, the middle suspicious.
 
-    Ranks ties by client id, so a round is reproducible. With few clients at least one is trusted.
+    Ranks ties by client id, so a round is reproducible; a NaN score ranks last. With few clients at
+    least one is trusted.
     """
-    order = sorted(scores, key=lambda c: (-scores[c], c))
+    order = sorted(scores, key=lambda c: (-scores[c] if math.isfinite(scores[c]) else math.inf, c))
     n = len(order)
     n_trusted = max(1, round(trusted_fraction * n))
     n_rejected = min(n - n_trusted, round(rejected_fraction * n))
@@ -361,6 +359,7 @@ def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarr
 
 LAYER_SAMPLE = 512  # coordinates of a layer the inspection features read
 MAX_ANCHORS = 32  # trusted rows clustered with the suspects, per layer
+MIN_ANCHORS = 3  # fewer trusted rows cannot anchor the honest cluster (one or two form their own)
 
 
 def layer_slices(layout: ComponentLayout) -> list[slice]:
@@ -373,11 +372,12 @@ def layer_slices(layout: ComponentLayout) -> list[slice]:
 
 @dataclass
 class Reputation:
-    """Per client id: integer reputation points (+1 per aggregated round, +1 per passed inspection, +1
-    for a trusted round the reputation cut held out) and rounds taken part in, in total and over the
+    """Per client id: integer reputation points (one per round the two stages judged it honest:
+    trusted, or suspicious and passing inspection) and rounds taken part in, in total and over the
     last WINDOW participations. Clients are compared by their recent points per participation: a
     client sampled rarely is not mistaken for a bad one, and an honest client held out for a bad
-    stretch recovers within a window."""
+    stretch recovers within a window. (The reference gives +1 for passing inspection and +1 for being
+    aggregated; a passing suspect then outranks a trusted client.)"""
 
     points: dict[int, int] = field(default_factory=dict)
     participations: dict[int, int] = field(default_factory=dict)
@@ -385,26 +385,28 @@ class Reputation:
 
     WINDOW = 10
 
-    def participate(self, client: int) -> None:
+    def participate(self, client: int, earned: int) -> None:
+        """Record one round of `client`, in which it earned `earned` points."""
         self.participations[client] = self.participations.get(client, 0) + 1
-        self.recent[client] = [*self.recent.get(client, []), 0][-self.WINDOW :]
+        self.points[client] = self.points.get(client, 0) + earned
+        self.recent[client] = [*self.recent.get(client, []), earned][-self.WINDOW :]
 
-    def award(self, client: int) -> None:
-        self.points[client] = self.points.get(client, 0) + 1
-        if self.recent.get(client):
-            self.recent[client][-1] += 1
-
-    def rate(self, client: int) -> float:
-        recent = self.recent.get(client, [])
-        return sum(recent) / max(len(recent), 1)
+    def rate(self, client: int) -> float | None:
+        """Points per participation over the recent window; None for a client never seen."""
+        recent = self.recent.get(client)
+        return sum(recent) / len(recent) if recent else None
 
     def threshold(self) -> float:
-        """median - MAD of the known clients' recent rates: below it a client is held out after warm-up."""
-        rates = np.array([self.rate(c) for c in self.recent])
+        """The rate below which a client is held out after warm-up: two robust standard deviations
+        (2 x 1.4826 MAD) under the median of the known clients' recent rates, and never above 0.5.
+        Stage 1 rejects its bottom share every round, so an honest client misses points now and
+        then; only one judged honest in under half of its recent rounds, and an outlier, is held out.
+        (The reference's median - MAD holds out about a quarter of any honest cohort by construction.)"""
+        rates = np.array([self.rate(c) for c in self.recent if self.recent[c]])
         if not len(rates):
             return -math.inf
         med = float(np.median(rates))
-        return med - float(np.median(np.abs(rates - med)))
+        return min(med - 2 * 1.4826 * float(np.median(np.abs(rates - med))), 0.5)
 
     def to_json(self) -> dict:
         return {"points": {str(k): v for k, v in sorted(self.points.items())},
@@ -449,16 +451,16 @@ class RoundDecision:
     aggregated: list[int]
     category: dict[int, str]  # stage-1 split (clients that passed the input checks)
     trust: dict[int, float]  # mean of the client's component trust scores
-    inspection: dict[int, float]  # suspicious client -> share of its layers judged honest
+    inspection: dict[int, float | None]  # suspicious client -> share of its layers judged honest
     dropped: dict[int, str]  # client -> reason it is not aggregated
     components: dict[str, ComponentTrust]
 
 
-def screen_updates(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout],
+def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
                    max_relative_norm: float, rng: np.random.Generator) -> tuple[dict[int, str], dict[str, np.ndarray]]:
     """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
-    a norm above `max_relative_norm` x the component's median, an exact copy of another's update),
-    and each component's exact update norms, from one pass over the updates."""
+    an absurd norm, an exact copy of another's update), and each component's exact update norms,
+    from one pass over the updates."""
     bad: dict[int, str] = {}
     all_norms = {c: row_norms(u.deltas) for c, u in components.items()}
     moved: dict[int, bool] = {}
@@ -476,10 +478,19 @@ def screen_updates(components: Mapping[str, ComponentUpdates], layouts: Mapping[
         ok = [i for i, client in enumerate(u.client_ids) if client not in bad]
         if not ok:
             continue
-        med = float(np.median(norms[ok]))
+        # The yardstick: the lower median of the holders' norms (a client cannot raise it alone, even
+        # one of two) and the norm of the component itself; an update 100x either is no training step.
+        lower_median = float(np.sort(norms[ok])[(len(ok) - 1) // 2])
+        weights_norm = float(np.linalg.norm(sent[c].astype(np.float64)))
         for i in ok:
-            if med > 0 and norms[i] > max_relative_norm * med:
-                bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is {norms[i] / med:.0f}x the median")
+            if not np.isfinite(norms[i]):
+                bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm overflows float32")
+            elif lower_median > 0 and norms[i] > max_relative_norm * lower_median:
+                bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is "
+                                                f"{norms[i] / lower_median:.0f}x the median")
+            elif weights_norm > 0 and norms[i] > max_relative_norm * weights_norm:
+                bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is "
+                                                f"{norms[i] / weights_norm:.0f}x the component's own norm")
         # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
         probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
         seen: dict[bytes, int] = {}
@@ -504,7 +515,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                  max_relative_norm: float = 100.0) -> RoundDecision:
     """Both stages and the reputation update for one round; `reputation` is updated in place.
     `rng` draws the coordinates the sampled indicators read (fresh each round)."""
-    dropped, all_norms = screen_updates(components, layouts, max_relative_norm, rng)
+    dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
     scored: dict[str, ComponentTrust] = {}
     per_client: dict[int, list[float]] = {c: [] for c in clients}
@@ -525,39 +536,39 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
     inspection = _inspect(components, layouts, category, rng)
     need = pass_early if server_round <= late_round else pass_late
-    for c in clients:
-        reputation.participate(c)
-    passed = [c for c, share in inspection.items() if share >= need]
-    for c in passed:
-        reputation.award(c)
+    # A suspect no layer could judge (too few trusted clients hold its tensors) is given the benefit
+    # of the doubt: stage 1 did not put it at the bottom.
+    passed = [c for c, share in inspection.items() if share is None or share >= need]
     for c, share in inspection.items():
         if c not in passed:
             dropped[c] = f"inspection: honest on {share:.0%} of layers, {need:.0%} needed"
     for c, cat in category.items():
         if cat == REJECTED:
             dropped[c] = f"rejected: trust {trust[c]:.3f} in the bottom {rejected_fraction:.0%}"
-    candidates = [c for c in clients if category[c] == TRUSTED or c in passed]
+    honest = [c for c in clients if category[c] == TRUSTED or c in passed]
+    candidates = list(honest)
     if server_round > warmup_rounds:
-        floor = reputation.threshold()
+        floor = reputation.threshold()  # over completed participations: this round does not count yet
         for c in list(candidates):
-            if reputation.rate(c) < floor:
+            rate = reputation.rate(c)
+            if rate is not None and rate < floor:
                 candidates.remove(c)
-                dropped[c] = f"reputation: {reputation.rate(c):.2f} per round, below {floor:.2f}"
-                if category[c] == TRUSTED:  # held out by its past alone: a trusted round still counts
-                    reputation.award(c)
+                dropped[c] = f"reputation: {rate:.2f} per round, below {floor:.2f}"
     if not candidates:  # never leave a round without an aggregate while trusted clients exist
         candidates = [c for c in clients if category[c] == TRUSTED]
         for c in candidates:
             dropped.pop(c, None)
-    for c in candidates:
-        reputation.award(c)
+    # One point per round judged honest by the two stages, aggregated or held out by its past (so
+    # an honest client recovers); never two, so passing inspection does not outrank being trusted.
+    for c in clients:
+        reputation.participate(c, earned=int(c in honest))
     return RoundDecision(candidates, category, trust, inspection, dropped, scored)
 
 
 def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout], category: Mapping[int, str],
              rng: np.random.Generator) -> dict[int, float]:
-    """Stage 2: each suspicious client's share of layers judged honest, over the layers it holds
-    that at least one trusted client also holds (none such: share 0)."""
+    """Stage 2: each suspicious client's share of layers judged honest, over the layers it holds that
+    at least MIN_ANCHORS trusted clients also hold (None when there is no such layer)."""
     suspects = [c for c, cat in category.items() if cat == SUSPICIOUS]
     honest = dict.fromkeys(suspects, 0)
     judged = dict.fromkeys(suspects, 0)
@@ -566,7 +577,7 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
         holders = [u.client_ids[i] for i in rows]
         trusted = np.array([category[c] == TRUSTED for c in holders], dtype=bool)
         suspicious = ~trusted
-        if not trusted.any() or not suspicious.any():
+        if trusted.sum() < MIN_ANCHORS or not suspicious.any():
             continue
         # The trusted rows only anchor the honest cluster: a random MAX_ANCHORS of them are enough.
         anchors = np.flatnonzero(trusted)
@@ -583,4 +594,4 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
             for c, ok in zip(suspect_ids, verdict):
                 honest[c] += int(ok)
                 judged[c] += 1
-    return {c: honest[c] / judged[c] if judged[c] else 0.0 for c in suspects}
+    return {c: honest[c] / judged[c] if judged[c] else None for c in suspects}

@@ -92,7 +92,7 @@ def flame_rule(noise_factor: float = 0.001, seed: int = 0) -> ComponentRule:
                 keep = labels == np.bincount(labels[labels >= 0]).argmax()
         clip = float(np.median(norms))
         clipped = deltas[keep] * np.minimum(1.0, clip / np.maximum(norms[keep], 1e-12))[:, None]
-        rng = np.random.default_rng([seed, server_round, n])
+        rng = np.random.default_rng([seed, server_round, n, *component.encode()])
         noise = rng.standard_normal(deltas.shape[1]) * noise_factor * clip
         return (sent + clipped.mean(axis=0) + noise).astype(np.float32)
 

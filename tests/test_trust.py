@@ -138,12 +138,10 @@ def test_reputation_threshold_and_round_trip():
     rep = trust.Reputation()
     for _ in range(12):
         for c in (1, 2, 3, 4):
-            rep.participate(c)
-        for c in (1, 2, 3):
-            rep.award(c)
-    rep.award(1)
+            rep.participate(c, earned=int(c != 4))
     assert rep.rate(4) < rep.threshold() <= rep.rate(2)
-    assert rep.points[1] == 13 and rep.participations[4] == 12 and len(rep.recent[1]) == rep.WINDOW
+    assert rep.points[1] == 12 and rep.participations[4] == 12 and len(rep.recent[1]) == rep.WINDOW
+    assert rep.rate(99) is None
     assert trust.Reputation.from_json(rep.to_json()) == rep
     with pytest.raises(ValueError, match="client '1'"):
         trust.Reputation.from_json({"points": {"1": -3}})
@@ -157,6 +155,7 @@ def _updates(n=10, p=64):
 
 
 LAYOUTS = {"fusion.shared": layout(**{"a": (32,), "b": (32,)})}
+SENT = {"fusion.shared": np.ones(64, np.float32)}
 
 
 @pytest.mark.parametrize("spoil,reason", [
@@ -168,7 +167,7 @@ def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
     updates = _updates()
     rows = updates["fusion.shared"].deltas
     rows[3] = spoil(rows[3])
-    bad, _ = trust.screen_updates(updates, LAYOUTS, 100.0, np.random.default_rng(0))
+    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert list(bad) == [3] and bad[3].startswith(reason)
 
 
@@ -176,15 +175,14 @@ def test_exact_copies_are_screened_out_together():
     updates = _updates()
     rows = updates["fusion.shared"].deltas
     rows[5] = rows[2]
-    bad, _ = trust.screen_updates(updates, LAYOUTS, 100.0, np.random.default_rng(0))
+    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert sorted(bad) == [2, 5]
 
 
-def test_layer_norms_come_from_one_pass_and_match_numpy():
-    updates = _updates()
-    sq = trust.layer_sq_norms(updates["fusion.shared"].deltas, LAYOUTS["fusion.shared"])
-    d = updates["fusion.shared"].deltas
-    np.testing.assert_allclose(sq, np.stack([(d[:, :32] ** 2).sum(1), (d[:, 32:] ** 2).sum(1)], 1), rtol=1e-5)
+def test_row_norms_are_exact_even_where_float32_squares_overflow():
+    d = RNG.standard_normal((3, 100)).astype(np.float32)
+    d[2] = 1e30
+    np.testing.assert_allclose(trust.row_norms(d), np.linalg.norm(d.astype(np.float64), axis=1), rtol=1e-5)
 
 
 def test_the_coordinate_sample_is_blocks_fresh_each_draw_and_everything_when_small():
@@ -222,12 +220,49 @@ def test_an_honest_client_held_out_by_its_past_recovers_once_trusted_again():
     rep = trust.Reputation()
     for _ in range(10):
         for c in range(10):
-            rep.participate(c)
-            if c != 3:  # a bad past
-                rep.award(c)
+            rep.participate(c, earned=int(c != 3))  # client 3 has a bad past
     held_out = []
     for server_round in range(11, 40):
         decision = trust.decide_round(_updates(), sent, LAYOUTS, rep, server_round,
                                       np.random.default_rng(server_round), warmup_rounds=3)
         held_out.append(3 not in decision.aggregated)
     assert held_out[0] and not all(held_out[-5:])
+
+
+def test_a_huge_finite_update_of_one_of_two_holders_is_screened_and_nothing_turns_nan():
+    import json
+
+    deltas = (RNG.standard_normal((2, 64)) * 0.01).astype(np.float32)
+    deltas[1] = 1e18  # finite in float32; its square overflows
+    updates = {"fusion.shared": trust.ComponentUpdates([0, 1], deltas)}
+    decision = trust.decide_round(updates, SENT, LAYOUTS, trust.Reputation(), 1, np.random.default_rng(0))
+    assert decision.dropped[1].startswith("absurd-norm") and decision.aggregated == [0]
+    json.dumps({c: float(t) for c, t in decision.trust.items()}, allow_nan=False)
+
+
+def test_nan_scores_rank_last():
+    split = trust.split_by_rank({1: float("nan"), 2: 0.5, 3: 0.9, 4: 0.7, 5: 0.6}, 0.4, 0.2)
+    assert split[1] == "rejected" and split[3] == "trusted"
+
+
+def test_a_layer_with_too_few_trusted_holders_judges_nobody():
+    deltas = (RNG.standard_normal((4, 64)) * 0.01).astype(np.float32)
+    updates = {"fusion.shared": trust.ComponentUpdates([0, 1, 2, 3], deltas)}
+    category = {0: "trusted", 1: "trusted", 2: "suspicious", 3: "suspicious"}
+    shares = trust._inspect(updates, LAYOUTS, category, np.random.default_rng(0))
+    assert shares == {2: None, 3: None}
+
+
+def test_an_all_honest_federation_keeps_its_trusted_clients_after_warm_up():
+    sent = {"fusion.shared": np.zeros(64, np.float32)}
+    rep = trust.Reputation()
+    rng = np.random.default_rng(0)
+    held_out = 0
+    for server_round in range(1, 21):
+        sampled = sorted(rng.choice(40, 12, replace=False).tolist())
+        deltas = (RNG.standard_normal((12, 64)) * 0.01).astype(np.float32)
+        updates = {"fusion.shared": trust.ComponentUpdates(sampled, deltas)}
+        decision = trust.decide_round(updates, sent, LAYOUTS, rep, server_round, np.random.default_rng(server_round))
+        held_out += sum(decision.category[c] == "trusted" and r.startswith("reputation")
+                        for c, r in decision.dropped.items())
+    assert held_out <= 10  # of about 100 trusted client-rounds after warm-up
