@@ -466,10 +466,11 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
     moved: dict[int, bool] = {}
     for c, u in components.items():
         totals = all_norms[c]
-        for i, client in enumerate(u.client_ids):
-            if not np.isfinite(totals[i]) and not np.isfinite(u.deltas[i]).all():
-                bad.setdefault(client, "non-finite: NaN or Inf values")
-            moved[client] = moved.get(client, False) or bool(totals[i] > 0)
+        for i in np.flatnonzero(~np.isfinite(totals)):
+            if not np.isfinite(u.deltas[i]).all():
+                bad.setdefault(u.client_ids[i], "non-finite: NaN or Inf values")
+        for client, norm in zip(u.client_ids, totals.tolist()):
+            moved[client] = moved.get(client, False) or norm > 0
     for client, any_change in moved.items():
         if not any_change:
             bad.setdefault(client, "zero-update: the update changes nothing")
@@ -482,7 +483,8 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
         # one of two) and the norm of the component itself; an update 100x either is no training step.
         lower_median = float(np.sort(norms[ok])[(len(ok) - 1) // 2])
         weights_norm = float(np.linalg.norm(sent[c].astype(np.float64)))
-        for i in ok:
+        limit = max_relative_norm * min(x for x in (lower_median, weights_norm, math.inf) if x > 0)
+        for i in [i for i in ok if not norms[i] <= limit]:  # only the flagged few loop in Python
             if not np.isfinite(norms[i]):
                 bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm overflows float32")
             elif lower_median > 0 and norms[i] > max_relative_norm * lower_median:
@@ -493,9 +495,10 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
                                                 f"{norms[i] / weights_norm:.0f}x the component's own norm")
         # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
         probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
+        probed = u.deltas[np.ix_(ok, probe)]
         seen: dict[bytes, int] = {}
-        for i in ok:
-            key = norms[i].tobytes() + u.deltas[i, probe].tobytes()
+        for j, i in enumerate(ok):
+            key = norms[i].tobytes() + probed[j].tobytes()
             first = seen.setdefault(key, i)
             if first != i and np.array_equal(u.deltas[first], u.deltas[i]):
                 a, b = u.client_ids[first], u.client_ids[i]
