@@ -104,6 +104,11 @@ def decode_array(array: Array, key: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype=DTYPE, count=count, offset=offset).reshape(shape)
 
 
+def decode_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Zero-copy float32 views of every array of a record, each checked against its own metadata."""
+    return {key: decode_array(record[key], key, tuple(record[key].shape)) for key in record.keys()}
+
+
 @dataclass
 class ClientUpdate:
     """One validated training reply."""

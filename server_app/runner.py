@@ -24,7 +24,7 @@ from fedmm.model import component_vectors, parameter_bytes, server_model, traina
 from fedmm.results import RunResults, detection_scores, print_table, summary_dict
 from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
-from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
+from strategies.component_fedavg import drop_nonfinite, log_rejections, round_metrics, validate_replies
 from strategies.evaluation import EvaluationResult
 from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
@@ -98,12 +98,10 @@ def _prevalidate(server_round: int, replies: list[Message], registry: NodeRegist
     """For plain Flower strategies: drop replies that fail fedmm's checks before the strategy sees them."""
     sent = {n.node_id: n.components for n in registry.nodes()}
     accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), _max_examples(run))
-    for update in accepted:
-        if not all(np.isfinite(v).all() for v in update.arrays.values()):
-            rejected.append((update.node_id, "non-finite", f"node {update.node_id} sent NaN or Inf values"))
+    kept, nonfinite = drop_nonfinite(accepted)
+    rejected += nonfinite
     log_rejections(server_round, rejected)
     bad = {node for node, _, _ in rejected}
-    kept = [u for u in accepted if u.node_id not in bad]
     return [r for r in replies if r.metadata.src_node_id not in bad], round_metrics(len(kept), rejected, kept)
 
 
@@ -123,11 +121,6 @@ def _as_global(new: ArrayRecord, arrays: ArrayRecord, strategy: Strategy) -> Arr
 
 def _timeout(run: RunConfig) -> float | None:
     return run.strategy.reply_timeout or None
-
-
-def _vectors(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    shapes = array_shapes(arrays)
-    return {k: protocol.decode_array(arrays[k], k, shapes[k]) for k in arrays.keys()}
 
 
 def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
@@ -200,8 +193,9 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
             # Every reply that arrived used the uplink, accepted or not.
             uplink += [_uplink_bytes(r) for r in replies if not r.has_error()]
-            sent = _vectors(arrays)
-            if attack is not None and attack.model is not None:
+            forging = attack is not None and attack.model is not None
+            if forging:
+                sent = protocol.decode_record(arrays)
                 replies = forge_replies(replies, malicious_nodes, attack.model, run.attack, sent, last_update,
                                         seed=run.seed * 100_003 + server_round)
             if isinstance(strategy, (ComponentFedAvg, TrustScoring)):
@@ -215,7 +209,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 train_metrics = checked
             if new_arrays is not None:
                 arrays = new_arrays
-                last_update = {k: v - sent[k] for k, v in _vectors(arrays).items()}
+                if forging:  # colluders see consecutive global models
+                    last_update = {k: v - sent[k] for k, v in protocol.decode_record(arrays).items()}
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
             record = {"round": server_round, "train.clients-sampled": len(messages)}

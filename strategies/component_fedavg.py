@@ -86,6 +86,18 @@ def aggregate_replies(replies: Iterable[Message], node_components: Mapping[int, 
     return result
 
 
+def drop_nonfinite(updates: Iterable[ClientUpdate]) -> tuple[list[ClientUpdate], list[Rejection]]:
+    """The updates whose arrays are all finite, and a rejection for each of the others (exact check,
+    one pass per update; for rules that cannot lean on the weighted mean's cheap signal)."""
+    finite, rejected = [], []
+    for u in updates:
+        if all(np.isfinite(v).all() for v in u.arrays.values()):
+            finite.append(u)
+        else:
+            rejected.append((u.node_id, "non-finite", f"node {u.node_id} sent NaN or Inf values"))
+    return finite, rejected
+
+
 def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[ClientUpdate] = ()) -> MetricRecord:
     """Accepted / rejected counts (by kind) and the mean training loss per task."""
     metrics = MetricRecord({"clients-accepted": accepted, "clients-rejected": len(rejected)})
@@ -162,8 +174,7 @@ class ComponentFedAvg(Strategy):
         """This round's global component vectors, as sent."""
         if self._arrays is None:
             raise RuntimeError("no round configured yet")
-        shapes = array_shapes(self._arrays)
-        return {k: protocol.decode_array(self._arrays[k], k, shapes[k]) for k in self._arrays.keys()}
+        return protocol.decode_record(self._arrays)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

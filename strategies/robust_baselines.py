@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, Mult
 from fedmm import protocol
 from fedmm.config import DefenseConfig
 from fedmm.protocol import ClientUpdate
-from strategies.component_fedavg import AggregateResult, ComponentFedAvg, Rejection
+from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
 from strategies.nodes import NodeRegistry
 
 # A rule maps (round, component, its holders' vectors and weights, the sent vector) to the
@@ -127,16 +127,15 @@ class RobustComponentStrategy(ComponentFedAvg):
         super().summary()
         log(INFO, "\t└──> aggregation rule per component: %s", self.name)
 
+    def rule_for(self, server_round: int, sent: Mapping[str, np.ndarray]) -> ComponentRule:
+        """The rule of this round (a subclass may build it from the round's global model)."""
+        return self.rule
+
     def combine(self, server_round: int, updates: list[ClientUpdate],
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
-        rejected: list[Rejection] = []
-        finite = []
-        for u in updates:
-            if all(np.isfinite(v).all() for v in u.arrays.values()):
-                finite.append(u)
-            else:
-                rejected.append((u.node_id, "non-finite", f"node {u.node_id} sent NaN or Inf values"))
-        arrays = aggregate_with_rule(server_round, finite, self.sent_vectors(), self.rule, self.name)
+        finite, rejected = drop_nonfinite(updates)
+        sent = self.sent_vectors()
+        arrays = aggregate_with_rule(server_round, finite, sent, self.rule_for(server_round, sent), self.name)
         return AggregateResult(arrays, finite, rejected)
 
 
@@ -153,12 +152,10 @@ class FLTrustStrategy(RobustComponentStrategy):
 
     def __init__(self, registry: NodeRegistry, root_update: Callable[[Mapping[str, np.ndarray], int], dict],
                  **kwargs) -> None:
-        super().__init__(registry, rule=lambda *a: None, name="fltrust", **kwargs)
+        super().__init__(registry, rule=None, name="fltrust", **kwargs)  # type: ignore[arg-type]
         self.root_update = root_update
 
-    def combine(self, server_round: int, updates: list[ClientUpdate],
-                shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
-        sent = self.sent_vectors()
+    def rule_for(self, server_round: int, sent: Mapping[str, np.ndarray]) -> ComponentRule:
         server = self.root_update(sent, server_round)
 
         def rule(_round: int, component: str, vectors: list[np.ndarray], weights: list[float], base: np.ndarray):
@@ -167,8 +164,7 @@ class FLTrustStrategy(RobustComponentStrategy):
                 return None
             return (base + (trust / trust.sum()).astype(np.float32) @ rescaled).astype(np.float32)
 
-        self.rule = rule
-        return super().combine(server_round, updates, shapes)
+        return rule
 
 
 def robust_strategy(defense: DefenseConfig, registry: NodeRegistry, seed: int, **kwargs) -> RobustComponentStrategy:

@@ -26,7 +26,7 @@ from fedmm.config import DefenseConfig
 from fedmm.protocol import ClientUpdate
 from fedmm.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
 from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
-from strategies.nodes import NodeRegistry, array_shapes
+from strategies.nodes import NodeRegistry
 
 
 def stack_deltas(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray]) -> dict[str, ComponentUpdates]:
@@ -66,8 +66,7 @@ class TrustScoring(Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent = {m.metadata.dst_node_id: tuple(m.content[protocol.ARRAYS].keys()) for m in messages}
-        shapes = array_shapes(arrays)
-        self._vectors = {k: protocol.decode_array(arrays[k], k, shapes[k]) for k in arrays.keys()}
+        self._vectors = protocol.decode_record(arrays)
         return messages
 
     def aggregate_train(self, server_round: int,
