@@ -95,9 +95,7 @@ def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, Tas
     """Encoded tensors of one split (train / val / test / backdoor) of each of this client's tasks."""
     holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
     # The attack decides what a malicious client's training data and the backdoor split hold.
-    attacked = (run.attack.name, run.attack.data, run.attack.fraction, run.attack.target, run.attack.poison_fraction,
-                run.attack.trigger_size, run.attack.trigger_token)
-    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split, attacked)
+    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split, dataclasses.astuple(run.attack))
     if key not in _SPLITS:
         bank = module_bank(run)
         data = {}
