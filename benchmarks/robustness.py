@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.runs import simulate_cached  # noqa: E402
 from fedmm.attacks import ATTACKS  # noqa: E402
+from fedmm.config import DEFENSES  # noqa: E402
 
 ATTACK_NAMES = ("none", *ATTACKS)
-DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
 SETTING = ["clients.num=20", "data.dirichlet_alpha=0.5", "rounds=20", "data.examples_per_task=3000"]
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "train.local_steps=15", "rounds=12"]
 TASKS = ("img_shape", "txt_color", "vqa")

@@ -153,7 +153,7 @@ class DefenseConfig:
     pass_late: float = 0.6  # ... before and after round `late_round`
     late_round: int = 5
     warmup_rounds: int = 3  # trust: reputation drops clients only after this many rounds
-    max_relative_norm: float = 100.0  # updates larger than this x the median norm are rejected outright
+    max_relative_norm: float = 100.0  # updates larger than this x the median update norm, or x the component's own norm, are rejected outright
     num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
     trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
     root_examples: int = 100  # fltrust: clean examples per task the server trains on
@@ -174,6 +174,8 @@ class RunConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
 
 
+DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "hf"),
     "data.partitioner": ("iid", "dirichlet"),
@@ -182,7 +184,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "personal.method": ("fedavg", "fedavg_ft", "local", "tap_no_distill", "tap"),
     "personal.criterion": ("validation", "train"),
     "attack.data": ("auto", "none", "backdoor", "label_flip"),
-    "defense.name": ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame"),
+    "defense.name": DEFENSES,
 }
 
 
