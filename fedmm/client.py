@@ -24,9 +24,17 @@ from fedmm.attacks import (
     resolve_attack,
     triggered_test_split,
 )
+from fedmm.components import is_expert
 from fedmm.config import RunConfig, TrainConfig
 from fedmm.data import client_task_splits
-from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.model import (
+    client_components,
+    component_vectors,
+    fusion_components_of,
+    load_component_vectors,
+    module_bank,
+)
+from fedmm.moe import mean_routing_entropy, routed_tokens
 from fedmm.personalization import parse_margins, replace_paths, tasks_to_replace
 from fedmm.state_store import DEFAULT_FOLDER, ClientStateStore
 from fedmm.training import (
@@ -149,7 +157,9 @@ class _Session:
         return component_vectors(self.model, self.components)
 
     def train(self, cfg: TrainConfig, lr: float, seed: int, distill: Distillation | None = None) -> TrainResult:
-        return train_local(self.model, client_data(self.run, self.me, "train"), cfg, lr, seed, self.device, distill)
+        grpo = self.run.moe if self.run.moe.routing == "grpo" else None
+        return train_local(self.model, client_data(self.run, self.me, "train"), cfg, lr, seed, self.device,
+                           distill, grpo)
 
     def scores(self, split: str) -> dict[str, TaskScore]:
         return evaluate(self.model, client_data(self.run, self.me, split), 2 * self.run.train.batch_size,
@@ -165,25 +175,35 @@ class _Session:
 def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], server_round: int):
     """Load the received component vectors (strictly), train locally; then update the personal model.
 
-    Returns (component vectors, examples trained on, examples per component, metrics).
+    Returns (component vectors, examples trained on, examples per component, metrics). Experts travel
+    only when this client routed tokens to them; their weights are the `routed.*` token counts.
     """
     s = _Session(run, me)
     s.load(arrays)
     lr = lr_at(server_round, run.rounds, run.train)
     result = s.train(run.train, lr, _seed(run, me, server_round))
-    counts = dict.fromkeys(s.components, 0)
+    routed = routed_tokens(s.model)
+    counts = {c: 0 for c in s.components if not is_expert(c)}
     for task, n in result.examples.items():
         for component in client_components([task], run):
-            counts[component] += n
+            if component in counts:
+                counts[component] += n
     # A component no step touched this round still went through; weight it by the smallest count.
+    # An expert no token reached did not change and does not travel: its weight is its routed tokens.
     counts = {c: max(n, 1) for c, n in counts.items()}
     metrics = {f"{protocol.TRAIN_LOSS_PREFIX}{t}": v for t, v in result.loss.items()}
     metrics[protocol.TRAIN_STEPS] = float(result.steps)
+    for component, by_modality in routed.items():
+        metrics.update({protocol.routed_key(m, component): float(n) for m, n in by_modality.items()})
+    entropy = mean_routing_entropy(s.model)
+    if entropy is not None:
+        metrics[protocol.ROUTING_ENTROPY] = entropy
     trained = s.vectors()
     if run.personal.method in STATEFUL_METHODS:
         replaced = _update_personal(s, arrays, trained, s.criterion_losses(result), lr, server_round)
         metrics.update({f"{protocol.REPLACED_PREFIX}{t}": float(t in replaced) for t in me.tasks})
-    return trained, sum(result.examples.values()), counts, metrics
+    sent = {c: v for c, v in trained.items() if not is_expert(c) or routed.get(c)}
+    return sent, sum(result.examples.values()), counts, metrics
 
 
 STATEFUL_METHODS = ("local", "tap_no_distill", "tap")
@@ -203,7 +223,7 @@ def _update_personal(s: _Session, received: Mapping[str, np.ndarray], trained: d
     elif run.personal.method != "local":
         margins = parse_margins(run.personal.task_margins, list(me.tasks), run.personal.margin)
         replaced = tasks_to_replace(teacher_loss, meta.get("personal_loss"), margins)
-        personal = replace_paths(personal, trained, replaced, module_bank(run).specs)
+        personal = replace_paths(personal, trained, replaced, module_bank(run).specs, fusion_components_of(run))
     s.load(personal)
     steps = run.personal.steps or run.train.local_steps
     result = s.train(_steps(run.train, steps), lr, _seed(run, me, server_round, "personal"))

@@ -1,14 +1,15 @@
 """Which named component each trainable parameter belongs to: the one place that decides it.
 
 Model parameter names start with `encoders.<modality>.`, `fusion.` or `heads.<task>.`; components are
-`encoder.<modality>`, `fusion.shared` and `head.<task>`. Aggregation, validation and byte accounting
-all ask `component_of`.
+`encoder.<modality>`, `fusion.shared` and `head.<task>`. In a mixture-of-experts block each expert and
+each router is a component of its own: `fusion.expert.<layer>.<expert>` and `fusion.router.<layer>`.
+Aggregation, validation and byte accounting all ask `component_of`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,27 +23,60 @@ class UnknownParameterError(KeyError):
     pass
 
 
+def _layer_index(parts: list[str], before: int) -> str:
+    """The block index a MoE parameter sits in: the last number in its name before `before`."""
+    numbers = [p for p in parts[:before] if p.isdigit()]
+    return numbers[-1] if numbers else "0"
+
+
 def component_of(param_name: str) -> str:
     parts = param_name.split(".")
+    if len(parts) >= 2 and parts[0] == "fusion":
+        if "experts" in parts:
+            i = parts.index("experts")
+            return expert_component(_layer_index(parts, i), parts[i + 1])
+        if "router" in parts:
+            return router_component(_layer_index(parts, parts.index("router")))
+        return FUSION
     if len(parts) >= 3 and parts[0] == "encoders":
         return f"encoder.{parts[1]}"
-    if len(parts) >= 2 and parts[0] == "fusion":
-        return FUSION
     if len(parts) >= 3 and parts[0] == "heads":
         return f"head.{parts[1]}"
     raise UnknownParameterError(f"parameter {param_name!r} belongs to no component")
 
 
-def components_for_tasks(tasks: Iterable[str], specs: dict[str, TaskSpec]) -> list[str]:
-    """Components a client holding `tasks` trains: its encoders, the fusion block, its heads."""
+def expert_component(layer: int | str, expert: int | str) -> str:
+    return f"fusion.expert.{layer}.{expert}"
+
+
+def router_component(layer: int | str) -> str:
+    return f"fusion.router.{layer}"
+
+
+def is_expert(component: str) -> bool:
+    """Experts travel only when a client routed tokens to them, weighted by those token counts."""
+    return component.startswith("fusion.expert.")
+
+
+def fusion_components(layers: int, experts: int) -> list[str]:
+    """The fusion block's components: `fusion.shared`, then with `experts` > 0 each layer's router and experts."""
+    if experts == 0:
+        return [FUSION]
+    return [FUSION] + [c for layer in range(layers) for c in
+                       [router_component(layer)] + [expert_component(layer, e) for e in range(experts)]]
+
+
+def components_for_tasks(tasks: Iterable[str], specs: dict[str, TaskSpec],
+                         fusion: Sequence[str] = (FUSION,)) -> list[str]:
+    """Components a client holding `tasks` trains: its encoders, the fusion block's, its heads."""
     tasks = list(tasks)
     encoders = [f"encoder.{m}" for m in profile_modalities(tasks, specs)]
-    return encoders + [FUSION] + [f"head.{t}" for t in tasks]
+    return encoders + list(fusion) + [f"head.{t}" for t in tasks]
 
 
-def components_on_path(task: str, specs: dict[str, TaskSpec]) -> list[str]:
+def components_on_path(task: str, specs: dict[str, TaskSpec], fusion: Sequence[str] = (FUSION,)) -> list[str]:
     """Components on one task's forward path."""
-    return components_for_tasks([task], specs)
+    return components_for_tasks([task], specs, fusion)
 
 
 def group_by_component(names: Iterable[str]) -> dict[str, list[str]]:

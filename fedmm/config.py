@@ -160,6 +160,23 @@ class DefenseConfig:
 
 
 @dataclass
+class MoEConfig:
+    # The fusion block's feed-forward part: full (trained outright), lora (frozen, one LoRA adapter),
+    # experts (frozen, `num_experts` LoRA experts behind a modality-aware top-k router).
+    fusion_ffn: str = "full"
+    num_experts: int = 4
+    top_k: int = 2
+    expert_r: int = 8  # rank of each expert's (and the dense adapter's) LoRA factors
+    expert_alpha: int = 16
+    balance_weight: float = 0.01  # load-balancing auxiliary loss (Switch: E * sum_e f_e * P_e)
+    guidance_weight: float = 0.01  # modality guidance: penalises router mass on experts a modality rarely uses
+    routing: str = "topk"  # topk | grpo (routing also trained as a policy by group-relative policy optimisation)
+    grpo_group: int = 4  # sampled routings per batch
+    grpo_weight: float = 0.1  # weight of the policy loss
+    grpo_kl: float = 0.05  # weight of the KL to the round's starting (received) router
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 8
@@ -172,6 +189,7 @@ class RunConfig:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
@@ -185,6 +203,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "personal.criterion": ("validation", "train"),
     "attack.data": ("auto", "none", "backdoor", "label_flip"),
     "defense.name": DEFENSES,
+    "moe.fusion_ffn": ("full", "lora", "experts"),
+    "moe.routing": ("topk", "grpo"),
 }
 
 
@@ -390,6 +410,7 @@ def validate(run: RunConfig) -> None:
     if not run.strategy.name:
         raise ConfigError("config key 'strategy.name' must not be empty")
     _validate_attack_and_defense(run)
+    _validate_moe(run)
     most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
     if 0 < run.train.local_steps < most_tasks:
         raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
@@ -466,3 +487,17 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
                                   f"({specs[task].num_classes} classes)")
     if not 0 <= d.trim_fraction < 0.5:
         raise ConfigError(f"config key 'defense.trim_fraction' must be in [0, 0.5), got {d.trim_fraction}")
+
+
+def _validate_moe(run: RunConfig) -> None:
+    m = run.moe
+    for key in ("num_experts", "top_k", "expert_r", "expert_alpha", "grpo_group"):
+        _positive(f"moe.{key}", getattr(m, key))
+    for key in ("balance_weight", "guidance_weight", "grpo_weight", "grpo_kl"):
+        _positive(f"moe.{key}", getattr(m, key), allow_zero=True)
+    if m.top_k > m.num_experts:
+        raise ConfigError(f"config key 'moe.top_k'={m.top_k} exceeds 'moe.num_experts'={m.num_experts}")
+    if m.routing == "grpo" and m.fusion_ffn != "experts":
+        raise ConfigError("config key 'moe.routing'=grpo needs 'moe.fusion_ffn'=experts (a router to train)")
+    if m.routing == "grpo" and m.grpo_group < 2:
+        raise ConfigError("config key 'moe.grpo_group' must be >= 2: advantages are relative to the group")

@@ -16,9 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import component_layouts, component_of, components_for_tasks, flatten, unflatten
-from fedmm.config import RunConfig
+from fedmm.components import (
+    component_layouts,
+    component_of,
+    components_for_tasks,
+    flatten,
+    fusion_components,
+    unflatten,
+)
+from fedmm.config import MoEConfig, RunConfig
 from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
+from fedmm.moe import DenseLoRA, RoutedExperts
 from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
 
 
@@ -43,13 +51,41 @@ class ModalityEncoder(nn.Module):
         return self.proj(hidden), mask
 
 
+class AdaptedFusionLayer(nn.TransformerEncoderLayer):
+    """A pre-norm encoder layer whose feed-forward maps are frozen and adapted by `adapter`
+    (fedmm.moe.DenseLoRA or RoutedExperts), which also sees each token's modality and padding."""
+
+    def __init__(self, dim: int, heads: int, adapter_factory) -> None:
+        # The base layer is built first, so its weights are those `fusion_ffn=full` starts from.
+        super().__init__(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.linear1.requires_grad_(False)
+        self.linear2.requires_grad_(False)
+        self.adapter = adapter_factory(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x + self._sa_block(self.norm1(x), None, padding)
+        return x + self.adapter(self.norm2(x), self.linear1, self.activation, self.linear2, modality, ~padding)
+
+
+def _adapter_factory(moe: MoEConfig):
+    if moe.fusion_ffn == "lora":
+        return lambda dim, hidden: DenseLoRA(dim, hidden, moe.expert_r, moe.expert_alpha)
+    return lambda dim, hidden: RoutedExperts(dim, hidden, moe.num_experts, moe.top_k, moe.expert_r,
+                                             moe.expert_alpha, len(MODALITIES), moe.balance_weight,
+                                             moe.guidance_weight)
+
+
 class FusionBlock(nn.Module):
     """Transformer layers over the concatenated tokens of the modalities a task reads."""
 
-    def __init__(self, dim: int, layers: int, heads: int) -> None:
+    def __init__(self, dim: int, layers: int, heads: int, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.modality_embedding = nn.Embedding(len(MODALITIES), dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.adapted = moe is not None and moe.fusion_ffn != "full"
+        if self.adapted:
+            layer = AdaptedFusionLayer(dim, heads, _adapter_factory(moe))
+        else:
+            layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -58,7 +94,14 @@ class FusionBlock(nn.Module):
             [t + self.modality_embedding.weight[MODALITIES.index(m)] for m, t, _ in parts], dim=1
         )
         mask = torch.cat([k for _, _, k in parts], dim=1)
-        hidden = self.norm(self.layers(tokens, src_key_padding_mask=~mask))
+        if self.adapted:
+            modality = torch.cat([torch.full(k.shape, MODALITIES.index(m), device=k.device) for m, _, k in parts], 1)
+            hidden = tokens
+            for layer in self.layers.layers:
+                hidden = layer(hidden, ~mask, modality)
+        else:
+            hidden = self.layers(tokens, src_key_padding_mask=~mask)
+        hidden = self.norm(hidden)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
@@ -72,9 +115,12 @@ class MultiModalModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.specs = specs
 
+    def encode(self, task: str, inputs: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(modality, tokens, mask) of each modality `task` reads, projected to the fusion width."""
+        return [(m, *self.encoders[m](inputs)) for m in self.specs[task].modalities]
+
     def forward(self, task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [(m, *self.encoders[m](inputs)) for m in self.specs[task].modalities]
-        return self.heads[task](self.fusion(parts))
+        return self.heads[task](self.fusion(self.encode(task, inputs)))
 
 
 def _seeded(seed: int, name: str):
@@ -116,7 +162,7 @@ class ModuleBank:
             m = self.run.model
             with torch.random.fork_rng():
                 _seeded(self.run.seed, "fusion")
-                self._fusion = FusionBlock(m.fusion_dim, m.fusion_layers, m.fusion_heads)
+                self._fusion = FusionBlock(m.fusion_dim, m.fusion_layers, m.fusion_heads, self.run.moe)
             self._snapshot("fusion", self._fusion)
         return self._fusion
 
@@ -142,6 +188,14 @@ class ModuleBank:
             self._tokenizer = build_tokenizer(self.run.model)
         return self._tokenizer
 
+    @torch.no_grad()
+    def tokens_per_example(self, modality: str) -> int:
+        """Fusion tokens one example of `modality` brings at most: the encoder's output length."""
+        if modality == "text":
+            return int(self.tokenizer()([""])["input_ids"].shape[1])
+        size = self.image_size()
+        return int(self.encoder("image")({"pixel_values": torch.zeros(1, 3, size, size)})[0].shape[1])
+
     def image_size(self) -> int:
         return image_size_of(self.encoder("image").backbone, self.run.model.image_size)
 
@@ -151,7 +205,7 @@ _BANKS: dict[str, ModuleBank] = {}
 
 def module_bank(run: RunConfig) -> ModuleBank:
     """The process-wide bank for this run's model and data config (built once, reused per message)."""
-    key = json.dumps([asdict(run.model), asdict(run.data), run.seed], sort_keys=True)
+    key = json.dumps([asdict(run.model), asdict(run.data), asdict(run.moe), run.seed], sort_keys=True)
     if key not in _BANKS:
         _BANKS[key] = ModuleBank(run)
     return _BANKS[key]
@@ -237,12 +291,18 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def fusion_components_of(run: RunConfig) -> list[str]:
+    """The fusion block's components under this run's `moe` config."""
+    experts = run.moe.num_experts if run.moe.fusion_ffn == "experts" else 0
+    return fusion_components(run.model.fusion_layers, experts)
+
+
 def client_components(tasks: list[str], run: RunConfig) -> list[str]:
-    return components_for_tasks(tasks, task_specs(run))
+    return components_for_tasks(tasks, task_specs(run), fusion_components_of(run))
 
 
 __all__ = [
     "MultiModalModel", "ModuleBank", "module_bank", "server_model", "trainable_state", "load_trainable",
     "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
-    "client_components",
+    "client_components", "fusion_components_of",
 ]

@@ -11,13 +11,13 @@ Distillation (stage 2): loss = CE(student, y) + w * T^2 * KL(softmax(z_T / T) ||
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import components_on_path
+from fedmm.components import FUSION, components_on_path
 from fedmm.tasks import TaskSpec
 
 
@@ -31,11 +31,12 @@ def tasks_to_replace(teacher_loss: Mapping[str, float], personal_loss: Mapping[s
 
 
 def replace_paths(personal: dict[str, np.ndarray], global_copy: Mapping[str, np.ndarray], tasks: list[str],
-                  specs: Mapping[str, TaskSpec]) -> dict[str, np.ndarray]:
-    """The personal component vectors with every component on `tasks`' forward paths replaced."""
+                  specs: Mapping[str, TaskSpec], fusion: Sequence[str] = (FUSION,)) -> dict[str, np.ndarray]:
+    """The personal component vectors with every component on `tasks`' forward paths replaced
+    (`fusion`: the fusion block's components, see fedmm.model.fusion_components_of)."""
     out = dict(personal)
     for task in tasks:
-        for component in components_on_path(task, dict(specs)):
+        for component in components_on_path(task, dict(specs), fusion):
             out[component] = np.array(global_copy[component], copy=True)
     return out
 

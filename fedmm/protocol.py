@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedmm.components import is_expert
+
 # Record keys (Flower's defaults where Flower has one, so Flower strategies read our replies).
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -32,6 +34,8 @@ LOSS_SUM_PREFIX = "loss-sum."
 PERSONAL_PREFIX = "personal."  # personal.correct.<task> etc.: the same scores for the personal model
 BACKDOOR_PREFIX = "backdoor."  # backdoor.correct.<task> etc.: the global model on triggered test inputs
 VIEW_PREFIXES = {"global": "", "personal": PERSONAL_PREFIX, "backdoor": BACKDOOR_PREFIX}  # evaluate views
+ROUTED_PREFIX = "routed."  # routed.<modality>.<expert component>: tokens routed to that expert in training
+ROUTING_ENTROPY = "routing-entropy"  # mean entropy of the routers' distributions over routed tokens
 REPLACED_PREFIX = "replaced."  # replaced.<task>: 1 when TAP copied that task's path this round
 DISTILL = "train.distill"  # the post-FL distillation message type
 
@@ -120,6 +124,22 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def routed_key(modality: str, component: str) -> str:
+    return f"{ROUTED_PREFIX}{modality}.{component}"
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What the server knows bounds a training reply's counts, when the config fixes it.
+
+    `max_examples`: local steps x batch size. `tokens_per_example`: fusion tokens an example of each
+    modality brings, which bounds the tokens a client can have routed to one expert.
+    """
+
+    max_examples: int | None = None
+    tokens_per_example: Mapping[str, int] | None = None
+
+
 _MAX_COUNT = 2**53  # beyond this float64 weights lose integers; no client trains on that many
 
 
@@ -136,13 +156,16 @@ TRAIN_STEPS = "train-steps"
 
 
 def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...]], components: list[str],
-                         max_examples: int | None = None) -> ClientUpdate:
+                         limits: ReplyLimits | None = None) -> ClientUpdate:
     """Check a training reply against the component vectors the node was sent; raise ReplyError if unusable.
 
-    `expected` maps each component the node holds to its shape; `max_examples` bounds the example
-    counts when the server knows it (local steps x batch size). Finiteness of the arrays is checked
-    during aggregation, where it costs nothing extra on the common path (see fedmm.aggregation).
+    `expected` maps each component the node holds to its shape. Every component must come back, except
+    experts (fedmm.components.is_expert): an expert comes back exactly when the reply reports tokens
+    routed to it, and those token counts are its weight. `limits` bounds the counts where the server
+    knows the bounds. Finiteness of the arrays is checked during aggregation, where it costs nothing
+    extra on the common path (see fedmm.aggregation).
     """
+    limits = limits or ReplyLimits()
     if message.has_error():
         raise ReplyError("client-error", message.error.reason)
     content: RecordDict = message.content
@@ -151,23 +174,30 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     record, metrics = content[ARRAYS], content[METRICS]
     if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
         raise ReplyError("bad-structure", f"{ARRAYS!r} must be an ArrayRecord and {METRICS!r} a MetricRecord")
-    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES, max_examples)
+    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES, limits.max_examples)
     keys = set(record.keys())
     unexpected = sorted(keys - expected.keys())
     if unexpected:
         raise ReplyError("unexpected-key", f"{unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
-    missing = sorted(expected.keys() - keys)
+    missing = sorted(c for c in expected.keys() - keys if not is_expert(c))
     if missing:
         raise ReplyError("missing-key", f"{missing[:3]}{' …' if len(missing) > 3 else ''}")
     weights = {}
     for component in components:
         count_key = f"{EXAMPLES_PREFIX}{component}"
+        if is_expert(component):
+            continue
         if count_key not in metrics:
             raise ReplyError("bad-count", f"missing {count_key!r}")
         weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
+    weights.update(_expert_weights(metrics, keys, components, num_examples, limits))
     tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
-    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components} | {
-        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks}
+    modalities = [c.split(".", 1)[1] for c in components if c.startswith("encoder.")]
+    routed = {routed_key(m, c) for c in components if is_expert(c) for m in modalities}
+    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components if not is_expert(c)} | {
+        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed
+    if routed:
+        allowed.add(ROUTING_ENTROPY)
     scalars = {}
     for key, value in metrics.items():
         if key not in allowed:
@@ -177,6 +207,28 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         scalars[key] = float(value)
     arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
     return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
+
+
+def _expert_weights(metrics: MetricRecord, returned: set[str], components: list[str], num_examples: int,
+                    limits: ReplyLimits) -> dict[str, float]:
+    """Each returned expert's weight: the tokens routed to it, summed over modalities, each count bounded
+    by the tokens `num_examples` examples of that modality bring."""
+    weights: dict[str, float] = {}
+    modalities = [c.split(".", 1)[1] for c in components if c.startswith("encoder.")]
+    for component in (c for c in components if is_expert(c)):
+        total = 0
+        for m in modalities:
+            key = routed_key(m, component)
+            if key in metrics:
+                per_example = (limits.tokens_per_example or {}).get(m)
+                total += _positive_int(metrics[key], key, None if per_example is None else num_examples * per_example)
+        if component in returned and not total:
+            raise ReplyError("bad-count", f"expert {component!r} came back with no tokens routed to it")
+        if total and component not in returned:
+            raise ReplyError("missing-key", f"tokens routed to expert {component!r}, but it did not come back")
+        if total:
+            weights[component] = float(total)
+    return weights
 
 
 def train_reply_content(arrays: Mapping[str, np.ndarray], num_examples: int,

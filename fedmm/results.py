@@ -21,6 +21,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
 TRUST_PLOT_FILE = "trust.png"
+EXPERTS_PLOT_FILE = "experts.png"
 CHECKPOINTS = "checkpoints"
 
 
@@ -40,7 +41,7 @@ class RunResults:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         # A rerun into the same folder must not leave an earlier run's results looking like its own.
-        for stale in (SUMMARY_FILE, PLOT_FILE, TRUST_PLOT_FILE):
+        for stale in (SUMMARY_FILE, PLOT_FILE, TRUST_PLOT_FILE, EXPERTS_PLOT_FILE):
             (self.out / stale).unlink(missing_ok=True)
         for old in (self.out / CHECKPOINTS).glob("round-*"):
             old.unlink()
@@ -106,6 +107,28 @@ class RunResults:
         plt.close(fig)
         return path
 
+    def plot_experts(self) -> Path | None:
+        """Modality x expert heatmap: each expert's share of a modality's routed tokens over the run."""
+        modalities, experts, matrix = expert_utilisation(self.history)
+        if not experts:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(min(3 + 0.6 * len(experts), 16), 1.5 + 0.5 * len(modalities)))
+        image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(float(matrix.max()), 1e-9))
+        ax.set_xticks(range(len(experts)), [e.removeprefix("fusion.expert.") for e in experts], rotation=90)
+        ax.set_yticks(range(len(modalities)), modalities)
+        ax.set_xlabel("expert (layer.expert)")
+        fig.colorbar(image, ax=ax, label="share of the modality's routed tokens")
+        fig.tight_layout()
+        path = self.out / EXPERTS_PLOT_FILE
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.out / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=_jsonable))
@@ -127,6 +150,28 @@ def trust_matrix(history: list[dict[str, Any]], clients: int) -> np.ndarray:
             if entry.get("trust") is not None and 0 <= int(client) < clients:
                 out[int(client), j] = entry["trust"]
     return out
+
+
+def expert_utilisation(history: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray]:
+    """(modalities, experts, matrix): tokens routed over the whole run, as each expert's share of its
+    modality's tokens in the expert's layer, from the rounds' `train.moe.routed.*` counts."""
+    prefix = "train.moe.routed."
+    totals: dict[tuple[str, str], float] = {}
+    for record in history:
+        for key, value in record.items():
+            if key.startswith(prefix):
+                modality, expert = key[len(prefix):].split(".", 1)
+                totals[modality, expert] = totals.get((modality, expert), 0.0) + value
+    modalities = sorted({m for m, _ in totals})
+    experts = sorted({e for _, e in totals}, key=lambda e: [int(p) for p in e.split(".")[2:]])
+    matrix = np.zeros((len(modalities), len(experts)))
+    for (m, e), n in totals.items():
+        matrix[modalities.index(m), experts.index(e)] = n
+    for i, _ in enumerate(modalities):
+        for layer in {e.rsplit(".", 1)[0] for e in experts}:
+            cols = [j for j, e in enumerate(experts) if e.rsplit(".", 1)[0] == layer]
+            matrix[i, cols] /= max(matrix[i, cols].sum(), 1.0)
+    return modalities, experts, matrix
 
 
 def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict[str, float | None]:
@@ -164,6 +209,12 @@ def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: li
             if (key.startswith(("global.", "personal.", "backdoor.", "attack."))
                     and isinstance(value, float) and not math.isnan(value)):
                 summary[f"{stage}.{key}"] = value
+    rounds = [r for r in history if "train.moe.experts-sent-fraction" in r]
+    if rounds:  # experts sent / held, averaged over client-rounds
+        weights = [r["train.clients-accepted"] for r in rounds]
+        summary["moe.experts_sent_fraction"] = float(np.average(
+            [r["train.moe.experts-sent-fraction"] for r in rounds], weights=weights))
+        summary["moe.routing_entropy_final"] = rounds[-1].get("train.moe.routing-entropy")
     summary["personal.method"] = run.personal.method
     summary["clients_rejected_total"] = int(sum(r.get("train.clients-rejected", 0) for r in history))
     return summary

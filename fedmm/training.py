@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.config import TrainConfig
+from fedmm.config import MoEConfig, TrainConfig
 from fedmm.encoders import pixel_values
+from fedmm.grpo import grpo_loss
 from fedmm.model import MultiModalModel
+from fedmm.moe import auxiliary_loss, routed_layers
 from fedmm.personalization import kd_loss
 
 
@@ -103,10 +105,13 @@ class Distillation:
 
 
 def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: TrainConfig, lr: float,
-                seed: int, device: torch.device, distill: Distillation | None = None) -> TrainResult:
+                seed: int, device: torch.device, distill: Distillation | None = None,
+                grpo: MoEConfig | None = None) -> TrainResult:
     """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed.
 
-    With `distill`, the loss is fedmm.personalization.kd_loss against the teacher's logits.
+    With `distill`, the loss is fedmm.personalization.kd_loss against the teacher's logits. MoE layers
+    add their routing losses, and with `grpo` the routers also learn as a policy (fedmm.grpo). Routing
+    counts restart here, so after the call they cover this training run only.
     """
     sizes = {t: len(d) for t, d in data.items() if len(d) > 0}
     if not sizes:
@@ -121,6 +126,10 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
     result = TrainResult(steps=0, examples=dict.fromkeys(sizes, 0))
     loss_sums = dict.fromkeys(sizes, 0.0)
     loss_counts = dict.fromkeys(sizes, 0)
+    for layer in routed_layers(model):
+        layer.reset_stats()
+        layer.keep_reference()
+    routing_generator = torch.Generator().manual_seed(seed + 1)
     for task in _schedule(sizes, cfg, generator):
         n, start = sizes[task], cursors[task]
         if start + min(cfg.batch_size, n) > n:  # full batches only: reshuffle instead of a short tail
@@ -129,14 +138,22 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
         cursors[task] = start + len(index)
         inputs, labels = data[task].batch(index, device)
         with autocast_for(device, cfg.precision):
-            logits = model(task, inputs)
+            parts = model.encode(task, inputs)
+            logits = model.heads[task](model.fusion(parts))
         if distill is None:
             loss = nn.functional.cross_entropy(logits.float(), labels)
         else:
             teacher = distill.teacher_logits[task][index].to(device)
             loss = kd_loss(logits.float(), teacher, labels, distill.temperature, distill.weight)
+        total = loss
+        aux = auxiliary_loss(model)
+        if aux is not None:
+            total = total + aux
+        if grpo is not None:
+            with autocast_for(device, cfg.precision):
+                total = total + grpo_loss(model, task, parts, labels, grpo, routing_generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

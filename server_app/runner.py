@@ -20,7 +20,8 @@ from fedmm import protocol
 from fedmm.attacks import malicious_clients, resolve_attack
 from fedmm.config import ConfigError, RunConfig
 from fedmm.components import unflatten
-from fedmm.model import component_vectors, parameter_bytes, server_model, trainable_layouts
+from fedmm.model import component_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
+from fedmm.protocol import ReplyLimits
 from fedmm.results import RunResults, detection_scores, print_table, summary_dict
 from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
@@ -42,9 +43,15 @@ def _import_strategy(path: str) -> type[Strategy]:
     return cls
 
 
-def _max_examples(run: RunConfig) -> int | None:
-    """The most examples a client can train on in a round, when the config fixes it."""
-    return run.train.local_steps * run.train.batch_size if run.train.local_steps else None
+def reply_limits(run: RunConfig) -> ReplyLimits:
+    """Bounds on a training reply's counts: the most examples a client can train on in a round (when
+    the config fixes it) and, under MoE routing, the fusion tokens an example of each modality brings."""
+    max_examples = run.train.local_steps * run.train.batch_size if run.train.local_steps else None
+    tokens = None
+    if run.moe.fusion_ffn == "experts":
+        bank = module_bank(run)
+        tokens = {m: bank.tokens_per_example(m) for m in sorted({m for s in bank.specs.values() for m in s.modalities})}
+    return ReplyLimits(max_examples, tokens)
 
 
 def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
@@ -54,22 +61,26 @@ def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
     if run.defense.name == "none":
         return base
     if run.defense.name == "trust":
-        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), _max_examples(run))
+        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), reply_limits(run))
     if run.strategy.name != "fedmm":
         raise ConfigError(f"config key 'defense.name'={run.defense.name!r} replaces the aggregation rule of "
                           f"strategy.name=fedmm; it cannot combine with {run.strategy.name!r}")
     s = run.strategy
     return robust_strategy(run.defense, registry, run.seed, fraction_train=s.fraction_train,
                            min_train_nodes=s.min_train_nodes, fraction_evaluate=s.fraction_evaluate,
-                           max_examples=_max_examples(run))
+                           limits=reply_limits(run))
 
 
 def _base_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
     s = run.strategy
     if s.name == "fedmm":
         return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate,
-                               _max_examples(run))
+                               reply_limits(run))
     cls = _import_strategy(s.name)
+    if run.moe.fusion_ffn == "experts":
+        raise ConfigError(f"config key 'strategy.name'={s.name!r}: with moe.fusion_ffn=experts clients send only "
+                          "the experts they used, and a plain Flower strategy needs every reply to hold the same "
+                          "arrays; use strategy.name=fedmm (expert-wise aggregation)")
     held = {tuple(sorted(tasks)) for tasks in run.clients.profiles.values()}
     if len(held) > 1:
         raise ConfigError(
@@ -97,7 +108,7 @@ def _prevalidate(server_round: int, replies: list[Message], registry: NodeRegist
                  run: RunConfig) -> tuple[list[Message], MetricRecord]:
     """For plain Flower strategies: drop replies that fail fedmm's checks before the strategy sees them."""
     sent = {n.node_id: n.components for n in registry.nodes()}
-    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), _max_examples(run))
+    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), reply_limits(run))
     kept, nonfinite = drop_nonfinite(accepted)
     rejected += nonfinite
     log_rejections(server_round, rejected)
@@ -240,5 +251,6 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         results.plot_trust(run.clients.num, set(malicious))
     results.write_summary(summary)
     results.plot()
+    results.plot_experts()
     print_table(summary, console)
     return summary

@@ -22,8 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from fedmm import protocol
 from fedmm.attacks import evaluation_views
 from fedmm.aggregation import ComponentInputs, aggregate_component
-from fedmm.components import ComponentLayout, flat_layouts
-from fedmm.protocol import ClientUpdate, ReplyError
+from fedmm.components import ComponentLayout, flat_layouts, is_expert
+from fedmm.protocol import ClientUpdate, ReplyError, ReplyLimits
 from strategies.evaluation import EvaluationResult, pool_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
 
@@ -39,7 +39,7 @@ class AggregateResult:
 
 def validate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
                      shapes: Mapping[str, tuple[int, ...]],
-                     max_examples: int | None = None) -> tuple[list[ClientUpdate], list[Rejection]]:
+                     limits: ReplyLimits | None = None) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Check each reply against the component vectors its node was sent (`shapes` keyed by component)."""
     accepted, rejected = [], []
     for reply in replies:
@@ -49,7 +49,7 @@ def validate_replies(replies: Iterable[Message], node_components: Mapping[int, I
                 raise ReplyError("unknown-node", f"node {node_id} was not sent this round")
             components = list(node_components[node_id])
             expected = {c: shapes[c] for c in components}
-            accepted.append(protocol.validate_train_reply(reply, expected, components, max_examples))
+            accepted.append(protocol.validate_train_reply(reply, expected, components, limits))
         except ReplyError as err:
             rejected.append((node_id, err.kind, str(err)))
     return accepted, rejected
@@ -78,9 +78,9 @@ def aggregate_updates(updates: list[ClientUpdate], layouts: Mapping[str, Compone
 
 
 def aggregate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
-                      shapes: Mapping[str, tuple[int, ...]], max_examples: int | None = None) -> AggregateResult:
+                      shapes: Mapping[str, tuple[int, ...]], limits: ReplyLimits | None = None) -> AggregateResult:
     """Replies -> validated updates -> new vectors of every component that had a valid holder."""
-    accepted, rejected = validate_replies(replies, node_components, shapes, max_examples)
+    accepted, rejected = validate_replies(replies, node_components, shapes, limits)
     result = aggregate_updates(accepted, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
     result.rejected = rejected + result.rejected
     return result
@@ -113,6 +113,39 @@ def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[Cl
     return metrics
 
 
+def routing_metrics(updates: Iterable[ClientUpdate], sent: Mapping[int, Iterable[str]]) -> dict[str, float]:
+    """Mixture-of-experts figures of a round ({} without experts): tokens routed to each expert per
+    modality (`moe.routed.<modality>.<expert>`), each expert's share of its modality's routing slots in
+    its layer (`moe.utilisation.…`), the mean routing entropy, and experts sent / experts held averaged
+    over the replies (`moe.experts-sent-fraction`)."""
+    routed: dict[tuple[str, str], float] = {}
+    entropies, fractions = [], []
+    for u in updates:
+        held = [c for c in sent.get(u.node_id, ()) if is_expert(c)]
+        if not held:
+            continue
+        fractions.append(sum(c in u.arrays for c in held) / len(held))
+        if protocol.ROUTING_ENTROPY in u.metrics:
+            entropies.append(u.metrics[protocol.ROUTING_ENTROPY])
+        for key, value in u.metrics.items():
+            if key.startswith(protocol.ROUTED_PREFIX):
+                modality, component = key[len(protocol.ROUTED_PREFIX):].split(".", 1)
+                routed[modality, component] = routed.get((modality, component), 0.0) + value
+    if not fractions:
+        return {}
+    out = {"moe.experts-sent-fraction": float(np.mean(fractions))}
+    if entropies:
+        out["moe.routing-entropy"] = float(np.mean(entropies))
+    layer_totals: dict[tuple[str, str], float] = {}
+    for (modality, component), n in routed.items():
+        layer = component.rsplit(".", 1)[0]
+        layer_totals[modality, layer] = layer_totals.get((modality, layer), 0.0) + n
+    for (modality, component), n in sorted(routed.items()):
+        out[f"moe.routed.{modality}.{component}"] = n
+        out[f"moe.utilisation.{modality}.{component}"] = n / layer_totals[modality, component.rsplit(".", 1)[0]]
+    return out
+
+
 def log_rejections(server_round: int, rejected: list[Rejection]) -> None:
     for node_id, _, detail in rejected:
         log(WARNING, "round %d: dropped reply of node %d (%s)", server_round, node_id, detail)
@@ -122,12 +155,12 @@ class ComponentFedAvg(Strategy):
     """Per-component weighted FedAvg for clients with different modality-task profiles."""
 
     def __init__(self, registry: NodeRegistry, fraction_train: float = 1.0, min_train_nodes: int = 2,
-                 fraction_evaluate: float = 1.0, max_examples: int | None = None) -> None:
+                 fraction_evaluate: float = 1.0, limits: ReplyLimits | None = None) -> None:
         self.registry = registry
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
-        self.max_examples = max_examples
+        self.limits = limits
         self._arrays: ArrayRecord | None = None
         self._sent: dict[int, tuple[str, ...]] = {}
 
@@ -153,12 +186,13 @@ class ComponentFedAvg(Strategy):
         rank = self.registry.order()
         replies = sorted(replies, key=lambda r: (rank.get(r.metadata.src_node_id, -1), r.metadata.src_node_id))
         shapes = array_shapes(self._arrays)
-        accepted, rejected = validate_replies(replies, self._sent, shapes, self.max_examples)
+        accepted, rejected = validate_replies(replies, self._sent, shapes, self.limits)
         result = self.combine(server_round, accepted, shapes)
         result.rejected = rejected + result.rejected
         log_rejections(server_round, result.rejected)
         metrics = round_metrics(len(result.accepted), result.rejected, result.accepted)
         metrics["clients-missing"] = len(self._sent) - len(replies)
+        metrics.update(routing_metrics(result.accepted, self._sent))
         if not result.arrays:
             return None, metrics
         merged = {k: self._arrays[k] for k in self._arrays.keys()}

@@ -23,9 +23,9 @@ from flwr.serverapp.strategy import Strategy
 from fedmm import protocol
 from fedmm.components import ComponentLayout
 from fedmm.config import DefenseConfig
-from fedmm.protocol import ClientUpdate
+from fedmm.protocol import ClientUpdate, ReplyLimits
 from fedmm.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
-from strategies.component_fedavg import log_rejections, round_metrics, validate_replies
+from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
 
 
@@ -45,12 +45,12 @@ class TrustScoring(Strategy):
     """Decides which updates count; `inner` aggregates them."""
 
     def __init__(self, inner: Strategy, registry: NodeRegistry, defense: DefenseConfig,
-                 layouts: Mapping[str, ComponentLayout], max_examples: int | None = None) -> None:
+                 layouts: Mapping[str, ComponentLayout], limits: ReplyLimits | None = None) -> None:
         self.inner = inner
         self.layouts = dict(layouts)  # component -> its named tensors (indicators and inspection read them)
         self.registry = registry
         self.defense = defense
-        self.max_examples = max_examples
+        self.limits = limits
         self.reputation = Reputation()
         self.last_report: dict[int, dict] = {}  # partition id -> what the defence saw and decided
         self._sent: dict[int, tuple[str, ...]] = {}
@@ -73,7 +73,7 @@ class TrustScoring(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         shapes = {k: v.shape for k, v in self._vectors.items()}
-        accepted, rejected = validate_replies(replies, self._sent, shapes, self.max_examples)
+        accepted, rejected = validate_replies(replies, self._sent, shapes, self.limits)
         partition = {n.node_id: n.partition_id for n in self.registry.nodes()}
         updates = {partition[u.node_id]: u for u in accepted if u.node_id in partition}
         d = self.defense
@@ -94,6 +94,7 @@ class TrustScoring(Strategy):
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
         metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated])
         metrics["clients-missing"] = len(self._sent) - len(replies)
+        metrics.update(routing_metrics([updates[p] for p in decision.aggregated], self._sent))
         for reason in ("trusted", "suspicious", "rejected"):
             metrics[f"trust.{reason}"] = sum(c == reason for c in decision.category.values())
         metrics["trust.dropped"] = len(decision.dropped)

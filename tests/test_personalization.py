@@ -170,7 +170,7 @@ def test_a_distilled_student_that_is_worse_on_validation_is_discarded(tmp_path, 
     client.state_store(run, me).save_tensors("personal", initial)
     real_train_local = client.train_local
 
-    def wrecking_distillation(model, data, cfg, lr, seed, device, distill=None):
+    def wrecking_distillation(model, data, cfg, lr, seed, device, distill=None, grpo=None):
         if distill is None:  # the teacher's fine-tuning runs for real
             return real_train_local(model, data, cfg, lr, seed, device)
         with torch.no_grad():

@@ -3,7 +3,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedmm import protocol
-from fedmm.protocol import ReplyError, decode_array, validate_train_reply
+from fedmm.protocol import ReplyError, ReplyLimits, decode_array, validate_train_reply
 
 SHAPES = {"encoders.image.proj.weight": (4, 3), "fusion.norm.bias": (3,)}
 COMPONENTS = ["encoder.image", "fusion.shared"]
@@ -122,5 +122,55 @@ def test_each_bad_reply_kind_is_rejected_with_its_reason(case):
 
 def test_counts_above_what_the_round_allows_are_rejected():
     with pytest.raises(ReplyError, match="exceeds 4"):
-        validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, max_examples=4)
-    assert validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, max_examples=5).num_examples == 5
+        validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, ReplyLimits(max_examples=4))
+    assert validate_train_reply(reply(good_content()), SHAPES, COMPONENTS, ReplyLimits(max_examples=5)).num_examples == 5
+
+
+MOE_SHAPES = {"encoder.image": (4,), "fusion.shared": (3,), "fusion.router.0": (2,),
+              "fusion.expert.0.0": (5,), "fusion.expert.0.1": (5,)}
+MOE_COMPONENTS = list(MOE_SHAPES)
+MOE_LIMITS = ReplyLimits(max_examples=8, tokens_per_example={"image": 10})
+
+
+def moe_content(experts: dict[str, int], routed: dict[str, int] | None = None):
+    """A reply sending `experts` (component -> image tokens routed to it); `routed` overrides the counts."""
+    arrays = {c: np.ones(s, np.float32) for c, s in MOE_SHAPES.items() if not c.startswith("fusion.expert.")}
+    arrays.update({c: np.ones(5, np.float32) for c in experts})
+    metrics = {protocol.routed_key("image", c): float(n) for c, n in (experts if routed is None else routed).items()}
+    counts = {c: 4 for c in MOE_COMPONENTS if not c.startswith("fusion.expert.")}
+    return protocol.train_reply_content(arrays, 4, counts, metrics)
+
+
+def test_experts_come_back_only_when_used_and_weigh_by_routed_tokens():
+    update = validate_train_reply(reply(moe_content({"fusion.expert.0.1": 30})), MOE_SHAPES, MOE_COMPONENTS,
+                                  MOE_LIMITS)
+    assert update.component_weights["fusion.expert.0.1"] == 30.0
+    assert "fusion.expert.0.0" not in update.component_weights
+    assert update.component_weights["fusion.router.0"] == 4.0
+
+
+@pytest.mark.parametrize("experts, routed, kind", [
+    ({"fusion.expert.0.1": 30}, {"fusion.expert.0.1": 30, "fusion.expert.0.0": 5}, "missing-key"),
+    ({"fusion.expert.0.1": 30}, {}, "bad-count"),  # an expert back with no tokens routed to it
+    ({"fusion.expert.0.1": 41}, None, "bad-count"),  # 4 examples x 10 tokens at most
+    ({"fusion.expert.0.1": 0}, None, "bad-count"),
+])
+def test_bad_expert_replies_are_refused(experts, routed, kind):
+    with pytest.raises(ReplyError) as err:
+        validate_train_reply(reply(moe_content(experts, routed)), MOE_SHAPES, MOE_COMPONENTS, MOE_LIMITS)
+    assert err.value.kind == kind
+
+
+def test_routed_tokens_of_a_modality_the_node_does_not_hold_are_unknown_metrics():
+    content = moe_content({"fusion.expert.0.1": 3})
+    content[protocol.METRICS][protocol.routed_key("text", "fusion.expert.0.1")] = 3
+    with pytest.raises(ReplyError, match="unknown metric"):
+        validate_train_reply(reply(content), MOE_SHAPES, MOE_COMPONENTS, MOE_LIMITS)
+
+
+def test_a_missing_non_expert_component_is_still_an_error():
+    content = moe_content({"fusion.expert.0.1": 3})
+    del content[protocol.ARRAYS]["fusion.router.0"]
+    with pytest.raises(ReplyError) as err:
+        validate_train_reply(reply(content), MOE_SHAPES, MOE_COMPONENTS, MOE_LIMITS)
+    assert err.value.kind == "missing-key"

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import Array, Error, Message
 from flwr.serverapp.strategy import FedAvg
@@ -196,3 +197,76 @@ def test_a_rerun_into_the_same_folder_never_keeps_old_results(tmp_path):
     RunResults(again.out, again)
     assert not (tmp_path / "out" / "summary.json").exists()
     assert not list((tmp_path / "out" / "checkpoints").glob("*.safetensors"))
+
+
+# Expert-wise aggregation, by hand: partition -> {expert: (value every entry is set to, image / text tokens)}.
+_EXPERT_REPLIES = {
+    0: {0: (1.0, {"image": 10}), 1: (11.0, {"image": 30})},
+    1: {1: (12.0, {"text": 20})},
+    2: {0: (3.0, {"image": 5, "text": 5}), 1: (13.0, {"text": 40}), 2: (23.0, {"image": 7})},
+}
+
+
+def _set_experts(partition):
+    def tamper(reply: Message) -> Message:
+        record, metrics = reply.content[protocol.ARRAYS], reply.content[protocol.METRICS]
+        for key in [k for k in record.keys() if k.startswith("fusion.expert.")]:
+            size = record[key].numpy().size
+            del record[key]
+            expert = int(key.rsplit(".", 1)[1])
+            if expert in _EXPERT_REPLIES[partition]:
+                record[key] = Array(np.full(size, _EXPERT_REPLIES[partition][expert][0], np.float32))
+        for key in [k for k in metrics.keys() if k.startswith(protocol.ROUTED_PREFIX)]:
+            del metrics[key]
+        for expert, (_, tokens) in _EXPERT_REPLIES[partition].items():
+            for modality, n in tokens.items():
+                metrics[protocol.routed_key(modality, f"fusion.expert.0.{expert}")] = n
+        return reply
+    return tamper
+
+
+def test_each_expert_is_averaged_over_its_users_by_routed_tokens(tmp_path):
+    run = fast_run(tmp_path, "rounds=1", "moe.fusion_ffn=experts", "moe.num_experts=4")
+    grid = LocalGrid(make_client_app(run), 3, tamper={p: _set_experts(p) for p in range(3)})
+    run_federation(grid, run)
+    before = load_file(str(tmp_path / "out" / "checkpoints" / "round-0000.safetensors"))
+    after = load_file(str(tmp_path / "out" / "checkpoints" / "round-0001.safetensors"))
+    expected = {0: (10 * 1.0 + 10 * 3.0) / 20, 1: (30 * 11.0 + 20 * 12.0 + 40 * 13.0) / 90, 2: 23.0}
+    names = [k for k in after if ".experts." in k]
+    assert names
+    for name in names:
+        expert = int(name.split(".experts.")[1].split(".")[0])
+        if expert == 3:  # no client used it: it keeps its value
+            np.testing.assert_array_equal(after[name], before[name])
+        else:
+            np.testing.assert_allclose(after[name], expected[expert], rtol=1e-6)
+    record = records(tmp_path / "out")[1]
+    assert record["train.moe.experts-sent-fraction"] == pytest.approx((2 / 4 + 1 / 4 + 3 / 4) / 3)
+    assert record["train.moe.utilisation.image.fusion.expert.0.0"] == pytest.approx(15 / (15 + 30 + 7))
+    assert record["train.moe.routed.text.fusion.expert.0.1"] == 60
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["moe.experts_sent_fraction"] == pytest.approx(0.5)
+    assert (tmp_path / "out" / "experts.png").is_file()
+
+
+def test_a_client_sends_only_the_experts_it_routed_tokens_to(tmp_path):
+    run = fast_run(tmp_path, "rounds=1", "moe.fusion_ffn=experts", "moe.num_experts=4")
+    model = fedmm.model.server_model(run)
+    with torch.no_grad():  # the global router never picks expert 3
+        next(m for m in model.modules() if hasattr(m, "modality_bias")).modality_bias[:, 3] = -1e4
+    replies = {}
+
+    def keep(partition):
+        def tamper(reply):
+            replies[partition] = reply
+            return reply
+        return tamper
+
+    grid = LocalGrid(make_client_app(run), 3, tamper={p: keep(p) for p in range(3)})
+    run_federation(grid, run)
+    for partition, reply in replies.items():
+        sent = set(reply.content[protocol.ARRAYS].keys())
+        assert {"fusion.expert.0.0", "fusion.expert.0.1", "fusion.expert.0.2"} <= sent
+        assert "fusion.expert.0.3" not in sent
+        assert not any(k.endswith("fusion.expert.0.3") for k in reply.content[protocol.METRICS].keys())
+    assert records(tmp_path / "out")[1]["train.clients-accepted"] == 3
