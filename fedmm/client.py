@@ -30,7 +30,6 @@ from fedmm.data import client_task_splits
 from fedmm.model import (
     client_components,
     component_vectors,
-    fusion_components_of,
     load_component_vectors,
     module_bank,
 )
@@ -223,7 +222,8 @@ def _update_personal(s: _Session, received: Mapping[str, np.ndarray], trained: d
     elif run.personal.method != "local":
         margins = parse_margins(run.personal.task_margins, list(me.tasks), run.personal.margin)
         replaced = tasks_to_replace(teacher_loss, meta.get("personal_loss"), margins)
-        personal = replace_paths(personal, trained, replaced, module_bank(run).specs, fusion_components_of(run))
+        paths = {t: client_components([t], run) for t in replaced}
+        personal = replace_paths(personal, trained, replaced, paths)
     s.load(personal)
     steps = run.personal.steps or run.train.local_steps
     result = s.train(_steps(run.train, steps), lr, _seed(run, me, server_round, "personal"))

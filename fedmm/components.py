@@ -2,19 +2,19 @@
 
 Model parameter names start with `encoders.<modality>.`, `fusion.` or `heads.<task>.`; components are
 `encoder.<modality>`, `fusion.shared` and `head.<task>`. In a mixture-of-experts block each expert and
-each router is a component of its own: `fusion.expert.<layer>.<expert>` and `fusion.router.<layer>`.
+each router is a component of its own: `fusion.expert.<layer>.<expert>` and `fusion.router.<layer>`; the
+experts of a Hugging Face MoE encoder are `encoder.<modality>.expert.<layer>.<expert>`.
 Aggregation, validation and byte accounting all ask `component_of`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.tasks import TaskSpec, profile_modalities
 
 FUSION = "fusion.shared"
 
@@ -30,23 +30,31 @@ def _layer_index(parts: list[str], before: int) -> str:
 
 
 def component_of(param_name: str) -> str:
-    parts = param_name.split(".")
+    base, packed, expert = param_name.partition("@")  # `<name>@<e>`: expert e's view of a packed factor
+    parts = base.split(".")
+    if len(parts) >= 3 and parts[0] == "heads":
+        return f"head.{parts[1]}"
     if len(parts) >= 2 and parts[0] == "fusion":
-        if "experts" in parts:
+        scope = "fusion"
+    elif len(parts) >= 3 and parts[0] == "encoders":
+        scope = f"encoder.{parts[1]}"
+    else:
+        raise UnknownParameterError(f"parameter {param_name!r} belongs to no component")
+    if packed and "experts" in parts:
+        return expert_component(_layer_index(parts, parts.index("experts")), expert, scope)
+    if scope == "fusion":
+        if "experts" in parts and parts.index("experts") + 1 < len(parts):
             i = parts.index("experts")
-            return expert_component(_layer_index(parts, i), parts[i + 1])
+            return expert_component(_layer_index(parts, i), parts[i + 1], scope)
         if "router" in parts:
             return router_component(_layer_index(parts, parts.index("router")))
         return FUSION
-    if len(parts) >= 3 and parts[0] == "encoders":
-        return f"encoder.{parts[1]}"
-    if len(parts) >= 3 and parts[0] == "heads":
-        return f"head.{parts[1]}"
-    raise UnknownParameterError(f"parameter {param_name!r} belongs to no component")
+    return scope
 
 
-def expert_component(layer: int | str, expert: int | str) -> str:
-    return f"fusion.expert.{layer}.{expert}"
+def expert_component(layer: int | str, expert: int | str, scope: str = "fusion") -> str:
+    """`<scope>.expert.<layer>.<expert>`; scope is `fusion` or `encoder.<modality>` (a MoE backbone)."""
+    return f"{scope}.expert.{layer}.{expert}"
 
 
 def router_component(layer: int | str) -> str:
@@ -55,28 +63,13 @@ def router_component(layer: int | str) -> str:
 
 def is_expert(component: str) -> bool:
     """Experts travel only when a client routed tokens to them, weighted by those token counts."""
-    return component.startswith("fusion.expert.")
+    return ".expert." in component
 
 
-def fusion_components(layers: int, experts: int) -> list[str]:
-    """The fusion block's components: `fusion.shared`, then with `experts` > 0 each layer's router and experts."""
-    if experts == 0:
-        return [FUSION]
-    return [FUSION] + [c for layer in range(layers) for c in
-                       [router_component(layer)] + [expert_component(layer, e) for e in range(experts)]]
-
-
-def components_for_tasks(tasks: Iterable[str], specs: dict[str, TaskSpec],
-                         fusion: Sequence[str] = (FUSION,)) -> list[str]:
-    """Components a client holding `tasks` trains: its encoders, the fusion block's, its heads."""
-    tasks = list(tasks)
-    encoders = [f"encoder.{m}" for m in profile_modalities(tasks, specs)]
-    return encoders + list(fusion) + [f"head.{t}" for t in tasks]
-
-
-def components_on_path(task: str, specs: dict[str, TaskSpec], fusion: Sequence[str] = (FUSION,)) -> list[str]:
-    """Components on one task's forward path."""
-    return components_for_tasks([task], specs, fusion)
+def component_order(component: str) -> tuple:
+    """Encoders, then the fusion block, then heads; experts in numeric order within each."""
+    rank = {"encoder": 0, "fusion": 1, "head": 2}.get(component.split(".")[0], 3)
+    return rank, [(0, int(p)) if p.isdigit() else (1, p) for p in component.split(".")]
 
 
 def group_by_component(names: Iterable[str]) -> dict[str, list[str]]:

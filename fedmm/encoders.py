@@ -94,10 +94,31 @@ def load_base_encoder(modality: str, cfg: ModelConfig, seed: int) -> PreTrainedM
     return model.eval()
 
 
+def expert_weight_targets(backbone: nn.Module) -> list[str]:
+    """peft `target_parameters` for a Hugging Face mixture-of-experts backbone: its fused expert weights.
+
+    transformers keeps a MoE layer's experts as 3-D tensors (experts first) on an `experts` module that
+    the layer calls with each token's chosen experts; peft puts one LoRA pair per expert on them.
+    """
+    targets = set()
+    for name, module in backbone.named_modules():
+        if name.split(".")[-1] != "experts":
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                targets.add(f"experts.{param_name}")
+    return sorted(targets)
+
+
 def add_lora(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Inject LoRA adapters (peft) into the frozen backbone; only the adapters train."""
+    """Inject LoRA adapters (peft) into the frozen backbone; only the adapters train. A mixture-of-experts
+    backbone also gets a LoRA pair on each expert (see expert_weight_targets)."""
+    experts = expert_weight_targets(backbone)
+    if experts and cfg.lora_dropout:
+        raise ValueError(f"{type(backbone).__name__} has fused expert weights, and peft's LoRA on them does not "
+                         f"support dropout: set config key 'model.lora_dropout' to 0 (got {cfg.lora_dropout})")
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_target_modules))
+                        target_modules=list(cfg.lora_target_modules), target_parameters=experts or None)
     try:
         backbone = inject_adapter_in_model(config, backbone)
     except ValueError as err:

@@ -16,17 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import (
-    component_layouts,
-    component_of,
-    components_for_tasks,
-    flatten,
-    fusion_components,
-    unflatten,
-)
+from fedmm.components import component_layouts, component_of, component_order, flatten, unflatten
 from fedmm.config import MoEConfig, RunConfig
 from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
-from fedmm.moe import DenseLoRA, RoutedExperts
+from fedmm.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
 from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
 
 
@@ -38,12 +31,16 @@ class ModalityEncoder(nn.Module):
         self.modality = modality
         self.backbone = backbone
         self.proj = nn.Linear(backbone.config.hidden_size, fusion_dim)
+        self.expert_counter = ExpertTokenCounter(backbone)  # empty unless the backbone is a MoE model
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.expert_counter.active = self.training
         if self.modality == "image":
+            self.expert_counter.valid = None
             hidden = self.backbone(pixel_values=inputs["pixel_values"]).last_hidden_state
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         else:
+            self.expert_counter.valid = inputs["attention_mask"].reshape(-1).bool()
             hidden = self.backbone(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
             ).last_hidden_state
@@ -142,9 +139,8 @@ class ModuleBank:
         self._initial: dict[str, np.ndarray] = {}
 
     def _snapshot(self, prefix: str, module: nn.Module) -> None:
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                self._initial[f"{prefix}.{name}"] = p.detach().to("cpu", torch.float32).numpy().copy()
+        for name, value in trainable_state(module).items():
+            self._initial[f"{prefix}.{name}"] = value
 
     def encoder(self, modality: str) -> ModalityEncoder:
         if modality not in self._encoders:
@@ -224,11 +220,22 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _trainable(model: nn.Module, components: list[str] | None = None) -> dict[str, nn.Parameter]:
-    """Trainable parameters of `components` (or all), by name: the one filter every helper here uses."""
+def _trainable(model: nn.Module, components: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Trainable tensors of `components` (or all), by name: the one filter every helper here uses.
+
+    A packed per-expert LoRA factor of a Hugging Face MoE backbone appears as one view per expert
+    (fedmm.moe.expert_views), so each expert belongs to its own component.
+    """
     wanted = None if components is None else set(components)
-    return {n: p for n, p in model.named_parameters()
-            if p.requires_grad and (wanted is None or component_of(n) in wanted)}
+    packed = packed_expert_lora(model)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                for name, tensor in expert_views(n, p, packed.get(n)).items():
+                    if wanted is None or component_of(name) in wanted:
+                        out[name] = tensor
+    return out
 
 
 def trainable_state(model: nn.Module, components: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -291,18 +298,14 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def fusion_components_of(run: RunConfig) -> list[str]:
-    """The fusion block's components under this run's `moe` config."""
-    experts = run.moe.num_experts if run.moe.fusion_ffn == "experts" else 0
-    return fusion_components(run.model.fusion_layers, experts)
-
-
-def client_components(tasks: list[str], run: RunConfig) -> list[str]:
-    return components_for_tasks(tasks, task_specs(run), fusion_components_of(run))
+def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> list[str]:
+    """Components a client holding `tasks` trains, as its model defines them: its encoders (and their
+    experts), the fusion block's (and its routers and experts), its heads."""
+    return sorted(trainable_layouts(module_bank(run).model(list(tasks))), key=component_order)
 
 
 __all__ = [
     "MultiModalModel", "ModuleBank", "module_bank", "server_model", "trainable_state", "load_trainable",
     "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
-    "client_components", "fusion_components_of",
+    "client_components",
 ]

@@ -223,8 +223,9 @@ def sampled_routing(model: nn.Module, generator: torch.Generator) -> Iterator[li
 
 
 def routed_tokens(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Tokens each expert component was routed since the last reset, per modality name."""
-    from fedmm.components import component_of
+    """Tokens each expert component was routed since the last reset, per modality name: the fusion
+    block's experts, and those of Hugging Face MoE encoders (an encoder's `expert_counter`)."""
+    from fedmm.components import component_of, expert_component
     from fedmm.tasks import MODALITIES
 
     counts: dict[str, dict[str, int]] = {}
@@ -234,7 +235,23 @@ def routed_tokens(model: nn.Module) -> dict[str, dict[str, int]]:
             for e in range(module.num_experts):
                 component = component_of(f"{name}.experts.{e}.up_A")
                 counts[component] = {m: routed[i][e] for i, m in enumerate(MODALITIES) if routed[i][e]}
+        counter = getattr(module, "expert_counter", None)
+        if counter:
+            modality = module.modality
+            for layer, routed_layer in counter.routed.items():
+                for e, n in enumerate(routed_layer.tolist()):
+                    counts[expert_component(layer, e, f"encoder.{modality}")] = {modality: n} if n else {}
     return counts
+
+
+def reset_routing_stats(model: nn.Module) -> None:
+    """Restart every routing count of the model (fusion experts and MoE encoders)."""
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            module.reset_stats()
+        counter = getattr(module, "expert_counter", None)
+        if counter:
+            counter.reset_stats()
 
 
 def mean_routing_entropy(model: nn.Module) -> float | None:
@@ -243,3 +260,77 @@ def mean_routing_entropy(model: nn.Module) -> float | None:
     if not layers:
         return None
     return sum(m.entropy_sum for m in layers) / sum(m.entropy_count for m in layers)
+
+
+# --- Hugging Face mixture-of-experts backbones ------------------------------------------------
+#
+# peft's LoRA on a fused expert tensor (`ParamWrapper`) packs every expert's factors into one pair:
+# lora_A (E*r, in) holds expert e's A in rows e*r..(e+1)*r, and lora_B (out, r*E) holds its B in
+# columns e, e+E, e+2E, ... (peft reshapes them to (E, r, in) and (out, r, E)). fedmm splits them into
+# one view per expert, named `<parameter>@<expert>`, so each expert is a component of its own.
+
+PACKED_SEPARATOR = "@"
+
+
+def packed_expert_lora(model: nn.Module) -> dict[str, tuple[int, str]]:
+    """Parameter name -> (experts, "A" or "B") for every packed per-expert LoRA factor in `model`."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    packed = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper) and module.num_experts > 1:
+            for adapter in module.lora_A:
+                packed[f"{name}.lora_A.{adapter}.weight"] = (module.num_experts, "A")
+                packed[f"{name}.lora_B.{adapter}.weight"] = (module.num_experts, "B")
+    return packed
+
+
+def expert_views(name: str, param: torch.Tensor, packing: tuple[int, str] | None) -> dict[str, torch.Tensor]:
+    """`{name: param}`, or for a packed factor one view per expert (writes go through to `param`)."""
+    if packing is None:
+        return {name: param}
+    experts, factor = packing
+    if factor == "A":
+        per_expert = param.view(experts, -1, param.shape[1])
+        return {f"{name}{PACKED_SEPARATOR}{e}": per_expert[e] for e in range(experts)}
+    per_expert = param.view(param.shape[0], -1, experts)
+    return {f"{name}{PACKED_SEPARATOR}{e}": per_expert[:, :, e] for e in range(experts)}
+
+
+class ExpertTokenCounter:
+    """Counts, during training, the real tokens a Hugging Face MoE backbone routes to each expert.
+
+    transformers' MoE layers call their `experts` module as experts(hidden, top_k_index, top_k_weights);
+    a forward pre-hook reads the chosen experts there. `valid` (the flattened attention mask) is set by
+    the encoder before each forward so padding is not counted.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.routed: dict[int, torch.Tensor] = {}
+        self.valid: torch.Tensor | None = None
+        self.active = False
+        for name, module in backbone.named_modules():
+            parts = name.split(".")
+            if parts[-1] != "experts" or not any(p.dim() == 3 for p in module.parameters()):
+                continue
+            layer = int([p for p in parts if p.isdigit()][-1]) if any(p.isdigit() for p in parts) else 0
+            experts = next(p.shape[0] for p in module.parameters() if p.dim() == 3)
+            self.routed[layer] = torch.zeros(experts, dtype=torch.long)
+            module.register_forward_pre_hook(self._hook(layer))
+
+    def __bool__(self) -> bool:
+        return bool(self.routed)
+
+    def _hook(self, layer: int):
+        def count(module: nn.Module, args: tuple) -> None:
+            if not self.active or len(args) < 2:
+                return
+            chosen = args[1]
+            if self.valid is not None and self.valid.numel() == chosen.shape[0]:
+                chosen = chosen[self.valid.to(chosen.device)]
+            self.routed[layer] += torch.bincount(chosen.reshape(-1).cpu(), minlength=self.routed[layer].numel())
+        return count
+
+    def reset_stats(self) -> None:
+        for counts in self.routed.values():
+            counts.zero_()

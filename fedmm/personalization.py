@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import FUSION, components_on_path
-from fedmm.tasks import TaskSpec
 
 
 def tasks_to_replace(teacher_loss: Mapping[str, float], personal_loss: Mapping[str, float] | None,
@@ -31,12 +29,12 @@ def tasks_to_replace(teacher_loss: Mapping[str, float], personal_loss: Mapping[s
 
 
 def replace_paths(personal: dict[str, np.ndarray], global_copy: Mapping[str, np.ndarray], tasks: list[str],
-                  specs: Mapping[str, TaskSpec], fusion: Sequence[str] = (FUSION,)) -> dict[str, np.ndarray]:
-    """The personal component vectors with every component on `tasks`' forward paths replaced
-    (`fusion`: the fusion block's components, see fedmm.model.fusion_components_of)."""
+                  paths: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+    """The personal component vectors with every component on `tasks`' forward paths (`paths`: task ->
+    its components, fedmm.model.client_components of that task alone) replaced."""
     out = dict(personal)
     for task in tasks:
-        for component in components_on_path(task, dict(specs), fusion):
+        for component in paths[task]:
             out[component] = np.array(global_copy[component], copy=True)
     return out
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import save_file
 
+from fedmm.components import component_order
 from fedmm.config import RunConfig, to_dict, to_yaml
 from fedmm.state_store import DEFAULT_FOLDER
 
@@ -119,9 +120,9 @@ class RunResults:
 
         fig, ax = plt.subplots(figsize=(min(3 + 0.6 * len(experts), 16), 1.5 + 0.5 * len(modalities)))
         image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(float(matrix.max()), 1e-9))
-        ax.set_xticks(range(len(experts)), [e.removeprefix("fusion.expert.") for e in experts], rotation=90)
+        ax.set_xticks(range(len(experts)), [e.replace(".expert.", " ") for e in experts], rotation=90)
         ax.set_yticks(range(len(modalities)), modalities)
-        ax.set_xlabel("expert (layer.expert)")
+        ax.set_xlabel("expert (where, layer.expert)")
         fig.colorbar(image, ax=ax, label="share of the modality's routed tokens")
         fig.tight_layout()
         path = self.out / EXPERTS_PLOT_FILE
@@ -163,7 +164,7 @@ def expert_utilisation(history: list[dict[str, Any]]) -> tuple[list[str], list[s
                 modality, expert = key[len(prefix):].split(".", 1)
                 totals[modality, expert] = totals.get((modality, expert), 0.0) + value
     modalities = sorted({m for m, _ in totals})
-    experts = sorted({e for _, e in totals}, key=lambda e: [int(p) for p in e.split(".")[2:]])
+    experts = sorted({e for _, e in totals}, key=component_order)
     matrix = np.zeros((len(modalities), len(experts)))
     for (m, e), n in totals.items():
         matrix[modalities.index(m), experts.index(e)] = n

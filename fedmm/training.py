@@ -14,7 +14,7 @@ from fedmm.config import MoEConfig, TrainConfig
 from fedmm.encoders import pixel_values
 from fedmm.grpo import grpo_loss
 from fedmm.model import MultiModalModel
-from fedmm.moe import auxiliary_loss, routed_layers
+from fedmm.moe import auxiliary_loss, reset_routing_stats, routed_layers
 from fedmm.personalization import kd_loss
 
 
@@ -126,8 +126,8 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
     result = TrainResult(steps=0, examples=dict.fromkeys(sizes, 0))
     loss_sums = dict.fromkeys(sizes, 0.0)
     loss_counts = dict.fromkeys(sizes, 0)
+    reset_routing_stats(model)
     for layer in routed_layers(model):
-        layer.reset_stats()
         layer.keep_reference()
     routing_generator = torch.Generator().manual_seed(seed + 1)
     for task in _schedule(sizes, cfg, generator):

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedmm import protocol
 from fedmm.attacks import malicious_clients, resolve_attack
 from fedmm.config import ConfigError, RunConfig
-from fedmm.components import unflatten
+from fedmm.components import is_expert, unflatten
 from fedmm.model import component_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
 from fedmm.protocol import ReplyLimits
 from fedmm.results import RunResults, detection_scores, print_table, summary_dict
@@ -48,10 +48,15 @@ def reply_limits(run: RunConfig) -> ReplyLimits:
     the config fixes it) and, under MoE routing, the fusion tokens an example of each modality brings."""
     max_examples = run.train.local_steps * run.train.batch_size if run.train.local_steps else None
     tokens = None
-    if run.moe.fusion_ffn == "experts":
+    if _has_experts(run):
         bank = module_bank(run)
         tokens = {m: bank.tokens_per_example(m) for m in sorted({m for s in bank.specs.values() for m in s.modalities})}
     return ReplyLimits(max_examples, tokens)
+
+
+def _has_experts(run: RunConfig) -> bool:
+    """Whether the model has experts (in the fusion block or a MoE encoder): replies then hold subsets."""
+    return any(is_expert(c) for c in trainable_layouts(server_model(run)))
 
 
 def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
@@ -77,9 +82,9 @@ def _base_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
         return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate,
                                reply_limits(run))
     cls = _import_strategy(s.name)
-    if run.moe.fusion_ffn == "experts":
-        raise ConfigError(f"config key 'strategy.name'={s.name!r}: with moe.fusion_ffn=experts clients send only "
-                          "the experts they used, and a plain Flower strategy needs every reply to hold the same "
+    if _has_experts(run):
+        raise ConfigError(f"config key 'strategy.name'={s.name!r}: the model has experts, which clients send only "
+                          "when they used them, and a plain Flower strategy needs every reply to hold the same "
                           "arrays; use strategy.name=fedmm (expert-wise aggregation)")
     held = {tuple(sorted(tasks)) for tasks in run.clients.profiles.values()}
     if len(held) > 1:

@@ -4,12 +4,9 @@ from fedmm.components import (
     FUSION,
     UnknownParameterError,
     component_of,
-    components_for_tasks,
-    components_on_path,
     group_by_component,
 )
 from fedmm.model import server_model, client_components, module_bank, trainable_state
-from fedmm.tasks import SYNTHETIC_TASKS
 
 
 @pytest.mark.parametrize(
@@ -32,11 +29,10 @@ def test_unknown_parameter_is_an_error(name):
         component_of(name)
 
 
-def test_components_follow_the_tasks():
-    assert components_for_tasks(["img_shape"], SYNTHETIC_TASKS) == ["encoder.image", FUSION, "head.img_shape"]
-    assert components_for_tasks(["vqa", "txt_color"], SYNTHETIC_TASKS) == [
-        "encoder.image", "encoder.text", FUSION, "head.vqa", "head.txt_color"]
-    assert components_on_path("txt_color", SYNTHETIC_TASKS) == ["encoder.text", FUSION, "head.txt_color"]
+def test_components_follow_the_tasks(small_run):
+    assert client_components(["img_shape"], small_run) == ["encoder.image", FUSION, "head.img_shape"]
+    assert client_components(["vqa", "txt_color"], small_run) == [
+        "encoder.image", "encoder.text", FUSION, "head.txt_color", "head.vqa"]
 
 
 def test_every_trainable_tensor_has_one_component_and_frozen_ones_are_never_sent(small_run):

@@ -16,7 +16,6 @@ from fedmm.config import ConfigError, load_config
 from fedmm.model import client_components, component_vectors, module_bank
 from fedmm.personalization import kd_loss, parse_margins, replace_paths, tasks_to_replace
 from fedmm.state_store import ClientStateStore
-from fedmm.tasks import SYNTHETIC_TASKS
 from server_app.runner import run_federation
 
 FAST = ["clients.num=3", "data.examples_per_task=240", "model.hidden_size=32", "model.intermediate_size=64",
@@ -39,9 +38,11 @@ def test_replacement_copies_exactly_the_tasks_forward_path():
     components = ["encoder.image", "encoder.text", "fusion.shared", "head.vqa", "head.img_shape", "head.txt_color"]
     personal = {c: np.zeros(3, np.float32) for c in components}
     global_copy = {c: np.ones(3, np.float32) for c in components}
-    out = replace_paths(personal, global_copy, ["img_shape"], SYNTHETIC_TASKS)
+    paths = {"img_shape": ["encoder.image", "fusion.shared", "head.img_shape"],
+             "vqa": ["encoder.image", "encoder.text", "fusion.shared", "head.vqa"]}
+    out = replace_paths(personal, global_copy, ["img_shape"], paths)
     assert {c for c in components if out[c][0] == 1} == {"encoder.image", "fusion.shared", "head.img_shape"}
-    out = replace_paths(personal, global_copy, ["vqa"], SYNTHETIC_TASKS)
+    out = replace_paths(personal, global_copy, ["vqa"], paths)
     assert {c for c in components if out[c][0] == 1} == {"encoder.image", "encoder.text", "fusion.shared", "head.vqa"}
     assert all(personal[c][0] == 0 for c in components)  # the input is left alone
     out["head.vqa"][0] = 7

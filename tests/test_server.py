@@ -132,6 +132,13 @@ def test_bad_strategy_names_are_config_errors(tmp_path, name, message):
         build_strategy(run, NodeRegistry(run))
 
 
+def test_a_plain_flower_strategy_cannot_aggregate_experts(tmp_path):
+    run = fast_run(tmp_path, "strategy.name=flwr.serverapp.strategy.FedAvg", "clients.profiles.all=vqa,img_shape,txt_color",
+                   "moe.fusion_ffn=experts")
+    with pytest.raises(ConfigError, match="expert-wise aggregation"):
+        build_strategy(run, NodeRegistry(run))
+
+
 def test_sampling_is_seeded_by_partition_not_node_id(tmp_path):
     run = fast_run(tmp_path, "clients.num=10", "strategy.fraction_train=0.3", "strategy.min_train_nodes=2")
     grid = LocalGrid(make_client_app(run), 10)
