@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federation on Flower's Simulation Engine (Ray)")
     sim.add_argument("--config", help="YAML config file (keys as in the README's config reference)")
-    sim.add_argument("--out", required=True, help="results folder")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="results folder")
+    where.add_argument("--resume", metavar="DIR", help="carry on the run in DIR (a killed or stopped "
+                       "`fedmm simulate --out DIR`) from its last complete round, with its config.yaml")
     sim.add_argument("--ray-address", default="", help="join an existing Ray cluster (e.g. auto)")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     show = sub.add_parser("config", help="print the resolved config")
@@ -42,9 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = list(args.overrides)
-        if args.command == "simulate":
-            overrides.append(f"out={args.out}")
-        run = load_config(args.config, overrides)
+        if args.command == "simulate" and args.resume:
+            if args.config or overrides:
+                raise ConfigError("--resume takes the run's own config.yaml; give no --config or overrides")
+            config = Path(args.resume) / "config.yaml"
+            if not config.is_file():
+                raise ConfigError(f"--resume {args.resume!r}: no config.yaml there, so no run to resume")
+            run = load_config(config, [f"out={args.resume}", "resume=true"])
+        else:
+            if args.command == "simulate":
+                overrides.append(f"out={args.out}")
+            run = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"fedmm: config error: {err}", file=sys.stderr)
         return 2

@@ -181,6 +181,7 @@ class RunConfig:
     seed: int = 0
     rounds: int = 8
     out: str = ""  # results folder; required by `fedmm simulate --out`
+    resume: bool = False  # continue the run in `out` from its last complete round (its config must match)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)

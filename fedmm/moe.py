@@ -158,7 +158,7 @@ class RoutedExperts(nn.Module):
                 out = out.index_add(0, token_idx, y * gates[token_idx, slot, None])
         if self.sampler is not None:
             self._record_policy(router_input, token_modality, log_probs, chosen, rows // length, batch)
-        elif self.training:
+        elif self.training and rows.numel():
             self._record_training(probs, chosen, token_modality)
         full = torch.zeros(batch * length, dim, dtype=out.dtype, device=out.device)
         return full.index_copy(0, rows, out).reshape(batch, length, dim)

@@ -14,7 +14,7 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from fedmm.components import component_order
-from fedmm.config import RunConfig, to_dict, to_yaml
+from fedmm.config import ConfigError, RunConfig, load_config, to_dict, to_flat, to_yaml
 from fedmm.state_store import DEFAULT_FOLDER
 
 CONFIG_FILE = "config.yaml"
@@ -30,6 +30,10 @@ def checkpoint_path(out: Path, server_round: int) -> Path:
     return out / CHECKPOINTS / f"round-{server_round:04d}.safetensors"
 
 
+def trust_state_path(out: Path, server_round: int) -> Path:
+    return out / CHECKPOINTS / f"round-{server_round:04d}.trust.json"
+
+
 def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -38,19 +42,55 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 class RunResults:
-    def __init__(self, out: str | Path, run: RunConfig) -> None:
+    """The results folder. A fresh run starts it empty; with `run.resume` it keeps the rounds that
+    completed (`last_round`) and drops anything after them."""
+
+    def __init__(self, out: str | Path, run: RunConfig, trust_state: bool = False) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, Any]] = []
+        self.last_round = 0
         # A rerun into the same folder must not leave an earlier run's results looking like its own.
         for stale in (SUMMARY_FILE, PLOT_FILE, TRUST_PLOT_FILE, EXPERTS_PLOT_FILE):
             (self.out / stale).unlink(missing_ok=True)
+        if run.resume:
+            self._resume(run, trust_state)
+            return
         for old in (self.out / CHECKPOINTS).glob("round-*"):
             old.unlink()
         if not run.personal.state_dir:  # the default store lives here; a fresh run starts without it
             shutil.rmtree(self.out / DEFAULT_FOLDER, ignore_errors=True)
         (self.out / CONFIG_FILE).write_text(to_yaml(run))
         (self.out / METRICS_FILE).write_text("")
-        self.history: list[dict[str, Any]] = []
+
+    def _resume(self, run: RunConfig, trust_state: bool) -> None:
+        config = self.out / CONFIG_FILE
+        if not config.is_file():
+            raise ConfigError(f"cannot resume: {str(config)!r} does not exist (no run was started in {str(self.out)!r})")
+        stored, wanted = to_flat(load_config(config)), to_flat(run)
+        differ = sorted(k for k in stored.keys() | wanted.keys()
+                        if k not in ("resume", "out") and stored.get(k) != wanted.get(k))
+        if differ:
+            raise ConfigError(f"cannot resume the run in {str(self.out)!r}: config keys differ from its "
+                              f"config.yaml: {differ[:8]}")
+        rows = []
+        for line in (self.out / METRICS_FILE).read_text().splitlines() if (self.out / METRICS_FILE).is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short when the server was killed
+                break
+        rounds = {r["round"] for r in rows if "stage" not in r}
+        complete = [r for r in sorted(rounds) if checkpoint_path(self.out, r).is_file()
+                    and (not trust_state or r == 0 or trust_state_path(self.out, r).is_file())]
+        if not complete:
+            raise ConfigError(f"cannot resume the run in {str(self.out)!r}: no round completed")
+        self.last_round = complete[-1]
+        self.history = [r for r in rows if "stage" not in r and r["round"] <= self.last_round]
+        with open(self.out / METRICS_FILE, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in self.history)
+        for path in (self.out / CHECKPOINTS).glob("round-*"):
+            if int(path.name.split("-")[1].split(".")[0]) > self.last_round:
+                path.unlink()
 
     def log_round(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -192,17 +232,19 @@ def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict
             "detection.client_rounds_flagged": float(flagged), "detection.client_rounds_malicious": float(positives)}
 
 
-def summary_dict(run: RunConfig, history: list[dict[str, Any]], uplink_bytes: list[int],
-                 full_model_bytes: int, trainable_bytes: int) -> dict[str, Any]:
+def summary_dict(run: RunConfig, history: list[dict[str, Any]], full_model_bytes: int,
+                 trainable_bytes: int) -> dict[str, Any]:
     first, last = history[0], history[-1]
+    uplink_replies = sum(r.get("uplink.replies", 0) for r in history)
+    uplink_mean = sum(r.get("uplink.bytes", 0) for r in history) / uplink_replies if uplink_replies else 0.0
     summary: dict[str, Any] = {
         "rounds": run.rounds,
         "clients": run.clients.num,
         "config": to_dict(run),
         "bytes.full_model": full_model_bytes,
         "bytes.trainable_global": trainable_bytes,
-        "bytes.uplink_per_client_round_mean": float(np.mean(uplink_bytes)) if uplink_bytes else 0.0,
-        "bytes.uplink_client_rounds": len(uplink_bytes),
+        "bytes.uplink_per_client_round_mean": float(uplink_mean),
+        "bytes.uplink_client_rounds": int(uplink_replies),
     }
     summary["bytes.uplink_fraction_of_full_model"] = summary["bytes.uplink_per_client_round_mean"] / full_model_bytes
     for stage, record in (("initial", first), ("final", last)):

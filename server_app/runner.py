@@ -14,15 +14,23 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
+from safetensors.numpy import load_file
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmm import protocol
 from fedmm.attacks import malicious_clients, resolve_attack
 from fedmm.config import ConfigError, RunConfig
-from fedmm.components import is_expert, unflatten
-from fedmm.model import component_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
+from fedmm.components import flatten, is_expert, unflatten
+from fedmm.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
 from fedmm.protocol import ReplyLimits
-from fedmm.results import RunResults, detection_scores, print_table, summary_dict
+from fedmm.results import (
+    RunResults,
+    checkpoint_path,
+    detection_scores,
+    print_table,
+    summary_dict,
+    trust_state_path,
+)
 from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import drop_nonfinite, log_rejections, round_metrics, validate_replies
@@ -172,9 +180,22 @@ def distill_stage(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, run: 
     return failed
 
 
+def _restore_arrays(results: RunResults, layouts, server_round: int) -> dict[str, np.ndarray]:
+    stored = load_file(str(checkpoint_path(results.out, server_round)))
+    return {c: flatten(layout, stored) for c, layout in layouts.items()}
+
+
+def _restore(results: RunResults, layouts, strategy: Strategy) -> ArrayRecord:
+    """The global model after the results folder's last complete round, and the defence's state then."""
+    if isinstance(strategy, TrustScoring) and results.last_round > 0:
+        strategy.load_state(trust_state_path(results.out, results.last_round))
+    return protocol.to_array_record(_restore_arrays(results, layouts, results.last_round))
+
+
 def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
-    """Run every round and write the results folder; returns the summary."""
-    random.seed(run.seed)  # Flower's own strategies sample with `random`
+    """Run every round and write the results folder; returns the summary. With `run.resume`, carry on
+    from the folder's last complete round: every random choice is seeded by seed and round, so the
+    rest of the run is the one an uninterrupted run would have made."""
     registry = NodeRegistry(run)
     strategy = build_strategy(run, registry)
     # Evaluation is fedmm's measurement, the same whichever strategy trains.
@@ -182,33 +203,44 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     evaluator = inner if isinstance(inner, ComponentFedAvg) else ComponentFedAvg(
         registry, fraction_evaluate=run.strategy.fraction_evaluate)
     model = server_model(run)
-    arrays = protocol.to_array_record(component_vectors(model))
+    arrays = protocol.to_array_record(initial_global_vectors(run))
     layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
-    results = RunResults(run.out, run)
+    results = RunResults(run.out, run, trust_state=isinstance(strategy, TrustScoring))
+    if run.resume:
+        arrays = _restore(results, layouts, strategy)
+        log(INFO, "resuming %s after round %d", run.out, results.last_round)
+        if run.personal.method != "fedavg":
+            log(WARNING, "personal.method=%s keeps client state on disk: a round cut short may have "
+                "updated it once already, so the resumed run can differ from an uninterrupted one",
+                run.personal.method)
     registry.discover(grid)
     strategy.summary()
     attack = resolve_attack(run.attack)
     malicious = malicious_clients(run)
     malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
     last_update: dict[str, np.ndarray] | None = None
-    uplink: list[int] = []
+    if run.resume and results.last_round > 0 and attack is not None and attack.model is not None:
+        before = _restore_arrays(results, layouts, results.last_round - 1)
+        last_update = {k: v - before[k] for k, v in protocol.decode_record(arrays).items()}
     console = Console(stderr=True)
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("evaluating the initial model", total=run.rounds)
-        record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run).record}
-        results.log_round(record)
-        results.checkpoint(0, _parameters(arrays, layouts))
-        for server_round in range(1, run.rounds + 1):
+        bar = progress.add_task("evaluating the initial model", total=run.rounds, completed=results.last_round)
+        if not run.resume:
+            record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run).record}
+            results.log_round(record)
+            results.checkpoint(0, _parameters(arrays, layouts))
+        for server_round in range(results.last_round + 1, run.rounds + 1):
             start = time.monotonic()
+            random.seed(f"{run.seed}:{server_round}")  # Flower's own strategies sample with `random`
             progress.update(bar, description=f"training round {server_round}")
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
             # Every reply that arrived used the uplink, accepted or not.
-            uplink += [_uplink_bytes(r) for r in replies if not r.has_error()]
+            uplink = [_uplink_bytes(r) for r in replies if not r.has_error()]
             forging = attack is not None and attack.model is not None
             if forging:
                 sent = protocol.decode_record(arrays)
@@ -229,15 +261,16 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                     last_update = {k: v - sent[k] for k, v in protocol.decode_record(arrays).items()}
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
-            record = {"round": server_round, "train.clients-sampled": len(messages)}
+            record = {"round": server_round, "train.clients-sampled": len(messages),
+                      "uplink.bytes": sum(uplink), "uplink.replies": len(uplink)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
             if isinstance(strategy, TrustScoring):
                 record["trust"] = {str(p): entry for p, entry in sorted(strategy.last_report.items())}
-                strategy.save_state(results.out / "checkpoints" / f"round-{server_round:04d}.trust.json")
+                strategy.save_state(trust_state_path(results.out, server_round))
             record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
-            results.log_round(record)
             results.checkpoint(server_round, _parameters(arrays, layouts))
+            results.log_round(record)  # last: a round is complete once its record is written
             accs = "  ".join(f"{k.split('.')[1]} {v:.3f}" for k, v in record.items()
                              if k.startswith("global.") and k.endswith(".accuracy"))
             progress.update(bar, completed=server_round, description=accs)
@@ -247,7 +280,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         failed = distill_stage(grid, registry, arrays, run) if run.personal.method in ("fedavg_ft", "tap") else 0
         final = _evaluate(grid, ComponentFedAvg(registry, fraction_evaluate=1.0), arrays, run.rounds + 1, run)
         results.log_round({"round": run.rounds, "stage": "final", "personal.clients-failed": failed, **final.record})
-    summary = summary_dict(run, results.history, uplink, full_bytes, trainable_bytes)
+    summary = summary_dict(run, results.history, full_bytes, trainable_bytes)
     summary["final.per_client"] = {str(k): v for k, v in sorted(final.per_client.items())}
     if attack is not None:
         summary["attack.malicious_clients"] = sorted(malicious)

@@ -103,3 +103,13 @@ def test_the_readme_config_reference_lists_every_key_with_its_default():
 def test_string_values_are_kept_as_written():
     run = load_config(overrides=["model.text_encoder=0x1F", "data.hf_split=2024-01-01", "data.hf_name=on"])
     assert run.model.text_encoder == "0x1F" and run.data.hf_split == "2024-01-01" and run.data.hf_name == "on"
+
+
+def test_cli_resume_takes_the_runs_own_config(tmp_path, capsys):
+    from fedmm.cli import main
+
+    assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("rounds: 2\n")
+    assert main(["simulate", "--resume", str(tmp_path), "rounds=3"]) == 2
+    assert "give no --config or overrides" in capsys.readouterr().err

@@ -10,7 +10,9 @@ from flwr.serverapp.strategy import FedAvg
 from local_grid import LocalGrid, as_reply, with_nan as _nan
 from safetensors.numpy import load_file
 
+import fedmm.components
 import fedmm.model
+import server_app.runner
 from client_apps.app import make_client_app
 from fedmm import protocol
 from fedmm.config import ConfigError, load_config
@@ -256,11 +258,19 @@ def test_each_expert_is_averaged_over_its_users_by_routed_tokens(tmp_path):
     assert (tmp_path / "out" / "experts.png").is_file()
 
 
-def test_a_client_sends_only_the_experts_it_routed_tokens_to(tmp_path):
+def test_a_client_sends_only_the_experts_it_routed_tokens_to(tmp_path, monkeypatch):
     run = fast_run(tmp_path, "rounds=1", "moe.fusion_ffn=experts", "moe.num_experts=4")
-    model = fedmm.model.server_model(run)
-    with torch.no_grad():  # the global router never picks expert 3
-        next(m for m in model.modules() if hasattr(m, "modality_bias")).modality_bias[:, 3] = -1e4
+    real = server_app.runner.initial_global_vectors
+
+    def router_never_picks_expert_3(run):
+        vectors = real(run)
+        layout = fedmm.model.trainable_layouts(fedmm.model.server_model(run))["fusion.router.0"]
+        router = fedmm.components.unflatten(layout, vectors["fusion.router.0"].copy())
+        next(v for k, v in router.items() if k.endswith("modality_bias"))[:, 3] = -1e4
+        vectors["fusion.router.0"] = fedmm.components.flatten(layout, router)
+        return vectors
+
+    monkeypatch.setattr(server_app.runner, "initial_global_vectors", router_never_picks_expert_3)
     replies = {}
 
     def keep(partition):
@@ -271,9 +281,54 @@ def test_a_client_sends_only_the_experts_it_routed_tokens_to(tmp_path):
 
     grid = LocalGrid(make_client_app(run), 3, tamper={p: keep(p) for p in range(3)})
     run_federation(grid, run)
-    for partition, reply in replies.items():
-        sent = set(reply.content[protocol.ARRAYS].keys())
-        assert {"fusion.expert.0.0", "fusion.expert.0.1", "fusion.expert.0.2"} <= sent
-        assert "fusion.expert.0.3" not in sent
-        assert not any(k.endswith("fusion.expert.0.3") for k in reply.content[protocol.METRICS].keys())
+    assert len(replies) == 3
+    for reply in replies.values():
+        sent = {k for k in reply.content[protocol.ARRAYS].keys() if k.startswith("fusion.expert.")}
+        routed = {k.split(".", 2)[2] for k in reply.content[protocol.METRICS].keys() if k.startswith("routed.")}
+        assert sent == routed and sent and "fusion.expert.0.3" not in sent
     assert records(tmp_path / "out")[1]["train.clients-accepted"] == 3
+
+
+class KilledGrid(LocalGrid):
+    """A grid whose server dies when it starts training round `kill_at` (nothing of that round is saved)."""
+
+    def __init__(self, *args, kill_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kill_at = kill_at
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train"
+               and int(m.content[protocol.CONFIG][protocol.SERVER_ROUND]) == self.kill_at for m in messages):
+            raise KeyboardInterrupt("server killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("extra", [[], ["defense.name=trust", "attack.name=neurotoxin", "attack.fraction=0.34"]])
+def test_a_killed_server_resumes_to_the_same_final_model(tmp_path, extra):
+    whole = fast_run(tmp_path / "whole", "rounds=4", *extra)
+    run_federation(LocalGrid(make_client_app(whole), 3), whole)
+    cut = fast_run(tmp_path / "cut", "rounds=4", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(KilledGrid(make_client_app(cut), 3, kill_at=3), cut)
+    assert len(records(tmp_path / "cut" / "out")) == 3  # rounds 0 to 2
+    resumed = fast_run(tmp_path / "cut", "rounds=4", "resume=true", *extra)
+    run_federation(LocalGrid(make_client_app(resumed), 3), resumed)
+    final_whole = load_file(str(tmp_path / "whole" / "out" / "checkpoints" / "round-0004.safetensors"))
+    final_resumed = load_file(str(tmp_path / "cut" / "out" / "checkpoints" / "round-0004.safetensors"))
+    assert final_whole.keys() == final_resumed.keys()
+    for key in final_whole:
+        np.testing.assert_array_equal(final_whole[key], final_resumed[key])
+    assert [r["round"] for r in records(tmp_path / "cut" / "out")] == [0, 1, 2, 3, 4]
+    s_whole = json.loads((tmp_path / "whole" / "out" / "summary.json").read_text())
+    s_resumed = json.loads((tmp_path / "cut" / "out" / "summary.json").read_text())
+    assert s_resumed["bytes.uplink_client_rounds"] == s_whole["bytes.uplink_client_rounds"] == 12
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run = fast_run(tmp_path, "rounds=1")
+    run_federation(LocalGrid(make_client_app(run), 3), run)
+    changed = fast_run(tmp_path, "rounds=1", "resume=true", "train.lr=0.1")
+    with pytest.raises(ConfigError, match="train.lr"):
+        run_federation(LocalGrid(make_client_app(changed), 3), changed)
+    assert (tmp_path / "out" / "checkpoints" / "round-0001.safetensors").is_file()  # nothing lost
