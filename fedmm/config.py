@@ -235,9 +235,39 @@ def _parse_value(key: str, raw: Any) -> Any:
     return yaml.safe_load(raw) if raw.strip() else raw
 
 
+PROFILES_KEY = "clients.profiles"
+
+
+def format_profiles(profiles: Mapping[str, Sequence[str]]) -> str:
+    """`{"image": ["img_shape"], "mm": ["vqa", "img_shape"]}` -> `"image=img_shape; mm=vqa,img_shape"`.
+
+    Flat configs (Flower's run config) carry the profiles as this one string: Flower does not keep the
+    order of a table's keys, and client i gets the i-th profile in the order they are listed.
+    """
+    return "; ".join(f"{name}={','.join(tasks)}" for name, tasks in profiles.items())
+
+
+def parse_profiles(text: str) -> dict[str, list[str]]:
+    profiles: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, tasks = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"config key {PROFILES_KEY!r}: {item!r} is not name=task,task,... "
+                              f"(profiles are separated by ';')")
+        if name.strip() in profiles:
+            raise ConfigError(f"config key {PROFILES_KEY!r}: profile {name.strip()!r} is given twice")
+        profiles[name.strip()] = [t.strip() for t in tasks.split(",") if t.strip()]
+    return profiles
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
+        if key == PROFILES_KEY:
+            if not isinstance(value, str):
+                raise ConfigError(f"config key {PROFILES_KEY!r} must be a string like 'image=img_shape; text=txt_color'")
+            nested.setdefault("clients", {})["profiles"] = parse_profiles(value)
+            continue
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"bad config key {key!r}")
         parts = key.split(".")
@@ -320,8 +350,12 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def to_flat(cfg: RunConfig) -> dict[str, bool | int | float | str]:
-    """Flat, scalar-valued form (lists joined by commas) for Flower run-configs and records."""
-    flat = _flatten(to_dict(cfg))
+    """Flat, scalar-valued form (lists joined by commas, the profiles as one ordered string) for
+    Flower run-configs and records."""
+    tree = to_dict(cfg)
+    profiles = tree["clients"].pop("profiles")
+    flat = _flatten(tree)
+    flat[PROFILES_KEY] = format_profiles(profiles)
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 

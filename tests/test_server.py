@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import torch
 import pytest
 from flwr.app import Array, Error, Message
 from flwr.serverapp.strategy import FedAvg

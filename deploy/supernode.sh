@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Start a Flower SuperNode that serves fedmm's ClientApp as one client of the federation (foreground).
+#
+#   deploy/supernode.sh --superlink HOST:PORT --partition-id I [--creds DIR] [--key FILE] [--port 9094]
+#
+# --partition-id  this node's client id, 0 .. clients.num-1. It decides the node's data partition
+#                 and its modality-task profile (client i gets profile i mod #profiles, in the order
+#                 the run config lists clients.profiles).
+# --creds DIR     verify the SuperLink's certificate against DIR/ca.crt (TLS); without it --insecure.
+# --key FILE      this node's private key (OpenSSH, from deploy/certs.py) when the SuperLink
+#                 authenticates SuperNodes; its FILE.pub must be registered first.
+# --port          this node's local Runtime API port: every SuperNode on one machine needs its own.
+set -euo pipefail
+superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --superlink) superlink="$2"; shift 2 ;;
+    --partition-id) partition="$2"; shift 2 ;;
+    --creds) creds="$2"; shift 2 ;;
+    --key) key="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --host) host="$2"; shift 2 ;;
+    *) echo "supernode.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$superlink" ] || { echo "supernode.sh: --superlink HOST:PORT is required" >&2; exit 2; }
+[[ "$partition" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --partition-id must be a number >= 0" >&2; exit 2; }
+args=(--superlink "$superlink" --host "$host" --port "$port" --node-config "partition-id=$partition")
+if [ -n "$creds" ]; then
+  [ -f "$creds/ca.crt" ] || { echo "supernode.sh: $creds/ca.crt is missing" >&2; exit 2; }
+  args+=(--root-certificates "$creds/ca.crt")
+else
+  args+=(--insecure)
+fi
+if [ -n "$key" ]; then
+  [ -f "$key" ] || { echo "supernode.sh: key $key is missing" >&2; exit 2; }
+  [ -n "$creds" ] || { echo "supernode.sh: --key needs TLS (--creds DIR)" >&2; exit 2; }
+  args+=(--auth-supernode-private-key "$key")
+fi
+exec flower-supernode "${args[@]}"
