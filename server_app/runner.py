@@ -157,9 +157,11 @@ def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
 
 def _evaluate(grid: Grid, evaluator: ComponentFedAvg, arrays: ArrayRecord, server_round: int,
               run: RunConfig) -> EvaluationResult:
-    messages = evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
-    replies = grid.send_and_receive(messages, timeout=_timeout(run))
-    return evaluator.pool_evaluation(server_round, replies)
+    messages = list(evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
+    result = evaluator.pool_evaluation(server_round, replies)
+    result.record["evaluate.clients-missing"] = len(messages) - len(replies)  # no reply within the timeout
+    return result
 
 
 def distill_stage(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, run: RunConfig) -> int:

@@ -1,0 +1,175 @@
+"""The deployment recipes in deploy/, run for real: a SuperLink and SuperNodes as separate processes on
+loopback, talking Flower's gRPC/HTTPS transport with TLS and SuperNode authentication."""
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+SMALL = "data.examples_per_task=300 train.local_steps=5"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flower_processes_of(root: Path) -> list[str]:
+    """Flower processes whose command line mentions `root` (what a test started there)."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if str(root) in line and ("flower-" in line or "flwr" in line)]
+
+
+def test_certs_make_a_ca_a_superlink_certificate_for_its_hosts_and_openssh_node_keys(tmp_path):
+    subprocess.run(["python", str(DEPLOY / "certs.py"), "--out", str(tmp_path), "--hosts", "localhost,10.0.0.7",
+                    "--supernodes", "2"], check=True, capture_output=True)
+    cert = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"localhost"}
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"10.0.0.7", "127.0.0.1"}
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert (tmp_path / "supernode-1").read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (tmp_path / "supernode-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert oct((tmp_path / "supernode-0").stat().st_mode & 0o777) == "0o600"
+    before = (tmp_path / "ca.crt").read_bytes()
+    subprocess.run(["python", str(DEPLOY / "certs.py"), "--out", str(tmp_path), "--supernodes", "3"], check=True,
+                   capture_output=True)
+    assert (tmp_path / "ca.crt").read_bytes() == before and (tmp_path / "supernode-2").is_file()  # nothing overwritten
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--supernodes", "3", "--rounds", "2"], "--out DIR is required"),
+    (["--auth", "--supernodes", "3", "--rounds", "2", "--out", "x"], "--auth needs --tls"),
+    (["--supernodes", "0", "--rounds", "2", "--out", "x"], "--supernodes N"),
+    (["--supernodes", "2", "--rounds", "2", "--out", "x", "--run-config", "rounds=5"], "set out, clients.num and rounds"),
+])
+def test_run_local_refuses_bad_arguments_before_starting_anything(tmp_path, args, message):
+    proc = subprocess.run([str(DEPLOY / "run-local.sh"), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([str(DEPLOY / "run-local.sh"), "--tls", "--auth", "--supernodes", "3", "--rounds", "2",
+                           "--out", str(out), "--run-config", SMALL], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["clients"] == 3
+    assert {"final.global.img_shape.accuracy", "final.global.txt_color.accuracy",
+            "final.global.vqa.accuracy"} <= summary.keys()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train.clients-accepted"] == 3 for r in rounds if "train.clients-accepted" in r)
+    logs = out / "deploy" / "logs"
+    assert "--enable-supernode-auth" in (logs / "superlink.log").read_text() or (out / "deploy" / "creds").is_dir()
+    assert not _flower_processes_of(out)  # every process it started is gone
+
+
+def _stop(group: int) -> None:
+    """Stop a process group we started (gone already is fine)."""
+    try:
+        os.killpg(group, signal.SIGTERM)
+        time.sleep(2)
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_healthy(port: int, ca: Path | None, timeout: float = 120) -> None:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, context=context, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail("the SuperLink did not start")
+
+
+@pytest.mark.slow
+def test_an_unregistered_supernode_is_refused(tmp_path):
+    creds = tmp_path / "creds"
+    subprocess.run(["python", str(DEPLOY / "certs.py"), "--out", str(creds), "--supernodes", "1"], check=True,
+                   capture_output=True)
+    port = _free_port()
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
+    superlink = subprocess.Popen([str(DEPLOY / "superlink.sh"), "--creds", str(creds), "--auth", "--port", str(port),
+                                  "--database", str(tmp_path / "state.db")], env=env, start_new_session=True,
+                                 stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(port, creds / "ca.crt")
+        # Its own process group and a log file: the node's SuperExec child may outlive it for a while.
+        node = subprocess.Popen([str(DEPLOY / "supernode.sh"), "--superlink", f"127.0.0.1:{port}", "--partition-id",
+                                 "0", "--creds", str(creds), "--key", str(creds / "supernode-0"), "--port",
+                                 str(_free_port())], env=env, start_new_session=True,
+                                stdout=open(tmp_path / "supernode.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            returncode = node.wait(timeout=180)
+        finally:
+            _stop(node.pid)
+    finally:
+        _stop(superlink.pid)
+    log = (tmp_path / "supernode.log").read_text()
+    assert returncode != 0, log[-2000:]
+    assert "Failed to activate SuperNode" in log or "2004" in log, log[-2000:]
+    assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_costs_its_replies_not_the_run(tmp_path):
+    port, out = _free_port(), tmp_path / "run"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0")
+    logs = []
+
+    def start(name, *cmd):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(log)
+        return subprocess.Popen([*cmd], env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+    superlink = start("superlink", str(DEPLOY / "superlink.sh"), "--port", str(port))
+    _wait_healthy(port, None)
+    nodes = [start(f"supernode-{i}", str(DEPLOY / "supernode.sh"), "--superlink", f"127.0.0.1:{port}",
+                   "--partition-id", str(i), "--port", str(_free_port())) for i in range(3)]
+    config = f'out="{out}" rounds=2 clients.num=3 strategy.reply_timeout=60 {SMALL}'
+    run = start("flwr-run", "flwr", "run", str(ROOT), "here", "--stream", "--run-config", config)
+    try:
+        deadline = time.time() + 900
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert time.time() < deadline and run.poll() is None, (tmp_path / "flwr-run.log").read_text()[-3000:]
+            time.sleep(1)
+        _stop(nodes[2].pid)  # round 1 is done: the multimodal client dies
+        run.wait(timeout=900)
+        run_id = (tmp_path / "flwr-run.log").read_text().split("Successfully started run ")[1].split()[0]
+        listing = subprocess.run(["flwr", "ls", "here", "--run-id", run_id, "--format", "json"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+    finally:
+        for proc in [run, *nodes, superlink]:
+            _stop(proc.pid)
+        for log in logs:
+            log.close()
+    assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:completed", listing.stdout
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in rounds if r["round"] >= 2 and "stage" not in r]
+    assert after and all(r["train.clients-accepted"] == 2 for r in after)
+    assert all(r["train.clients-missing"] + r["train.clients-rejected"] == 1 for r in after)  # the loss is reported
+    assert all(r["evaluate.clients-missing"] + r["evaluate.clients-dropped"] == 1 for r in after)
+    assert "global.img_shape.accuracy" in after[-1] and (out / "summary.json").is_file()
