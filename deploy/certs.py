@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    # A private key is created readable by its owner only, never world-readable even for a moment.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -33,7 +33,7 @@ done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "run-local.sh: --rounds R (R >= 1) is required" >&2; exit 2; }
 [ -n "$out" ] || { echo "run-local.sh: --out DIR is required" >&2; exit 2; }
 [ "$auth" = 0 ] || [ "$tls" = 1 ] || { echo "run-local.sh: --auth needs --tls (Flower authenticates SuperNodes over TLS only)" >&2; exit 2; }
-[[ "$extra" != *out=* && "$extra" != *clients.num=* && "$extra" != *rounds=* ]] || {
+[[ ! " $extra" =~ [[:space:]](out|clients\.num|rounds)= ]] || {
   echo "run-local.sh: set out, clients.num and rounds with --out, --supernodes and --rounds" >&2; exit 2; }
 
 out=$(python -c 'import os,sys; print(os.path.abspath(sys.argv[1]))' "$out")
@@ -47,6 +47,7 @@ CONN=fedmm-local
 
 groups=()
 cleanup() {
+  [ "${#groups[@]}" -gt 0 ] || return 0
   for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null; done
   for _ in $(seq 1 20); do
     alive=0; for g in "${groups[@]}"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
@@ -72,7 +73,7 @@ if [ "$tls" = 1 ]; then
 fi
 
 port=$(free_port)
-start "$logs/superlink.log" "$ROOT/deploy/superlink.sh" "${creds_args[@]}" $([ "$auth" = 1 ] && echo --auth) \
+start "$logs/superlink.log" "$ROOT/deploy/superlink.sh" ${creds_args[@]+"${creds_args[@]}"} $([ "$auth" = 1 ] && echo --auth) \
   --port "$port" --database "$work/superlink.db"
 python - "$port" "$tls" "$work/creds/ca.crt" <<'PY' || fail "the SuperLink did not start"
 import ssl, sys, time, urllib.request
@@ -97,8 +98,10 @@ PY
 
 if [ "$auth" = 1 ]; then
   for i in $(seq 0 $((nodes - 1))); do
-    flwr supernode register "$work/creds/supernode-$i.pub" "$CONN" >> "$logs/register.log" 2>&1 \
-      || grep -q "already in use" "$logs/register.log" || fail "could not register SuperNode $i"
+    # A key registered by an earlier run into the same --out (its database is kept) is fine.
+    reply=$(flwr supernode register "$work/creds/supernode-$i.pub" "$CONN" 2>&1) \
+      || grep -q "already in use" <<< "$reply" || { echo "$reply" >> "$logs/register.log"; fail "could not register SuperNode $i"; }
+    echo "$reply" >> "$logs/register.log"
   done
 fi
 
@@ -106,7 +109,7 @@ for i in $(seq 0 $((nodes - 1))); do
   key_args=()
   [ "$auth" = 1 ] && key_args=(--key "$work/creds/supernode-$i")
   start "$logs/supernode-$i.log" "$ROOT/deploy/supernode.sh" --superlink "127.0.0.1:$port" --partition-id "$i" \
-    "${creds_args[@]}" "${key_args[@]}" --port "$(free_port)"
+    ${creds_args[@]+"${creds_args[@]}"} ${key_args[@]+"${key_args[@]}"} --port "$(free_port)"
 done
 
 config="out=\"$out\" rounds=$rounds clients.num=$nodes $extra"

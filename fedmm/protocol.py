@@ -192,8 +192,7 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
     weights.update(_expert_weights(metrics, keys, components, num_examples, limits))
     tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
-    modalities = [c.split(".", 1)[1] for c in components if c.startswith("encoder.")]
-    routed = {routed_key(m, c) for c in components if is_expert(c) for m in modalities}
+    routed = {routed_key(m, c) for c in components if is_expert(c) for m in _routing_modalities(c, components)}
     allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components if not is_expert(c)} | {
         f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed
     if routed:
@@ -209,18 +208,27 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
 
 
+def _routing_modalities(expert: str, components: list[str]) -> list[str]:
+    """Modalities whose tokens can reach `expert`: an encoder's expert sees only its encoder's modality,
+    a fusion expert every modality the node encodes."""
+    if expert.startswith("encoder."):
+        return [expert.split(".")[1]]
+    return [c.split(".")[1] for c in components if c.startswith("encoder.") and not is_expert(c)]
+
+
 def _expert_weights(metrics: MetricRecord, returned: set[str], components: list[str], num_examples: int,
                     limits: ReplyLimits) -> dict[str, float]:
     """Each returned expert's weight: the tokens routed to it, summed over modalities, each count bounded
     by the tokens `num_examples` examples of that modality bring."""
     weights: dict[str, float] = {}
-    modalities = [c.split(".", 1)[1] for c in components if c.startswith("encoder.")]
     for component in (c for c in components if is_expert(c)):
         total = 0
-        for m in modalities:
+        for m in _routing_modalities(component, components):
             key = routed_key(m, component)
             if key in metrics:
-                per_example = (limits.tokens_per_example or {}).get(m)
+                if limits.tokens_per_example is not None and m not in limits.tokens_per_example:
+                    raise ReplyError("bad-metric", f"{key}: no token bound is known for modality {m!r}")
+                per_example = None if limits.tokens_per_example is None else limits.tokens_per_example[m]
                 total += _positive_int(metrics[key], key, None if per_example is None else num_examples * per_example)
         if component in returned and not total:
             raise ReplyError("bad-count", f"expert {component!r} came back with no tokens routed to it")

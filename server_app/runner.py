@@ -223,9 +223,13 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     malicious = malicious_clients(run)
     malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
     last_update: dict[str, np.ndarray] | None = None
-    if run.resume and results.last_round > 0 and attack is not None and attack.model is not None:
-        before = _restore_arrays(results, layouts, results.last_round - 1)
-        last_update = {k: v - before[k] for k, v in protocol.decode_record(arrays).items()}
+    if run.resume and attack is not None and attack.model is not None:
+        # The colluders' last view: the last round that changed the global model, as they saw it.
+        for r in range(results.last_round, 0, -1):
+            after, before = _restore_arrays(results, layouts, r), _restore_arrays(results, layouts, r - 1)
+            if any(not np.array_equal(after[k], before[k]) for k in after):
+                last_update = {k: after[k] - before[k] for k in after}
+                break
     console = Console(stderr=True)
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]

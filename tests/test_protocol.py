@@ -174,3 +174,23 @@ def test_a_missing_non_expert_component_is_still_an_error():
     with pytest.raises(ReplyError) as err:
         validate_train_reply(reply(content), MOE_SHAPES, MOE_COMPONENTS, MOE_LIMITS)
     assert err.value.kind == "missing-key"
+
+
+def test_an_encoders_experts_take_only_their_own_modalitys_tokens_and_every_count_is_bounded():
+    shapes = {"encoder.text": (4,), "encoder.text.expert.0.0": (5,), "fusion.shared": (3,)}
+    components = list(shapes)
+    limits = ReplyLimits(max_examples=8, tokens_per_example={"text": 16})
+
+    def content(metric_key, n):
+        arrays = {c: np.ones(s, np.float32) for c, s in shapes.items()}
+        counts = {"encoder.text": 4, "fusion.shared": 4}
+        return protocol.train_reply_content(arrays, 4, counts, {metric_key: n})
+
+    ok = validate_train_reply(reply(content(protocol.routed_key("text", "encoder.text.expert.0.0"), 64)), shapes,
+                              components, limits)
+    assert ok.component_weights["encoder.text.expert.0.0"] == 64
+    for key, n in [(protocol.routed_key("text", "encoder.text.expert.0.0"), 65),  # 4 examples x 16 tokens
+                   (protocol.routed_key("image", "encoder.text.expert.0.0"), 5),  # another modality's tokens
+                   (protocol.routed_key("text.expert.0.0", "encoder.text.expert.0.0"), 2**50)]:  # no such modality
+        with pytest.raises(ReplyError):
+            validate_train_reply(reply(content(key, n)), shapes, components, limits)
