@@ -10,8 +10,11 @@
 # --key FILE      this node's private key (OpenSSH, from deploy/certs.py) when the SuperLink
 #                 authenticates SuperNodes; its FILE.pub must be registered first.
 # --port          this node's local Runtime API port: every SuperNode on one machine needs its own.
+# --data-path DIR train on this machine's own data instead of a generated partition: DIR/<task> is a
+#                 dataset saved with `datasets.Dataset.save_to_disk` (image and / or text columns as
+#                 the task reads, integer label), one folder per task of the node's profile.
 set -euo pipefail
-superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1
+superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1 data_path=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --superlink) superlink="$2"; shift 2 ;;
@@ -20,12 +23,19 @@ while [ $# -gt 0 ]; do
     --key) key="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --host) host="$2"; shift 2 ;;
+    --data-path) data_path="$2"; shift 2 ;;
     *) echo "supernode.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$superlink" ] || { echo "supernode.sh: --superlink HOST:PORT is required" >&2; exit 2; }
 [[ "$partition" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --partition-id must be a number >= 0" >&2; exit 2; }
-args=(--superlink "$superlink" --host "$host" --port "$port" --node-config "partition-id=$partition")
+node_config="partition-id=$partition"
+if [ -n "$data_path" ]; then
+  [ -d "$data_path" ] || { echo "supernode.sh: --data-path $data_path is not a folder" >&2; exit 2; }
+  [[ "$data_path" != *'"'* ]] || { echo "supernode.sh: --data-path must not contain a double quote" >&2; exit 2; }
+  node_config="$node_config data-path=\"$(cd "$data_path" && pwd)\""
+fi
+args=(--superlink "$superlink" --host "$host" --port "$port" --node-config "$node_config")
 if [ -n "$creds" ]; then
   [ -f "$creds/ca.crt" ] || { echo "supernode.sh: $creds/ca.crt is missing" >&2; exit 2; }
   args+=(--root-certificates "$creds/ca.crt")

@@ -26,7 +26,7 @@ from fedmm.attacks import (
 )
 from fedmm.components import is_expert
 from fedmm.config import RunConfig, TrainConfig
-from fedmm.data import client_task_splits
+from fedmm.data import client_task_splits, local_task_splits
 from fedmm.model import (
     client_components,
     component_vectors,
@@ -65,6 +65,7 @@ class ClientIdentity:
     partition_id: int
     profile: str
     tasks: tuple[str, ...]
+    data_path: str = ""  # the node's own data (node config `data-path`) instead of a generated partition
 
 
 def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentity:
@@ -75,7 +76,8 @@ def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentit
     if not 0 <= partition_id < run.clients.num:
         raise ValueError(f"partition-id {partition_id} is outside 0..{run.clients.num - 1} (clients.num)")
     profile = assigned_profile(run, partition_id)
-    return ClientIdentity(partition_id, profile, tuple(run.clients.profiles[profile]))
+    data_path = str(node_config.get("data-path", ""))
+    return ClientIdentity(partition_id, profile, tuple(run.clients.profiles[profile]), data_path)
 
 
 _SPLITS: dict[tuple, dict[str, TaskTensors]] = {}
@@ -102,13 +104,18 @@ def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, Tas
     """Encoded tensors of one split (train / val / test / backdoor) of each of this client's tasks."""
     holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
     # The attack decides what a malicious client's training data and the backdoor split hold.
-    key = (id(module_bank(run)), me.partition_id, tuple(holders.items()), split, dataclasses.astuple(run.attack))
+    key = (id(module_bank(run)), me.partition_id, me.data_path, tuple(holders.items()), split,
+           dataclasses.astuple(run.attack))
     if key not in _SPLITS:
         bank = module_bank(run)
         data = {}
         for task in me.tasks:
-            splits = client_task_splits(run, task, list(holders[task]), me.partition_id)
             modalities = bank.specs[task].modalities
+            if me.data_path:
+                splits = local_task_splits(run, task, me.data_path, me.partition_id, modalities,
+                                           bank.specs[task].num_classes)
+            else:
+                splits = client_task_splits(run, task, list(holders[task]), me.partition_id)
             image_size = bank.image_size() if "image" in modalities else 0
             tokenizer = bank.tokenizer() if "text" in modalities else None
             data[task] = encode_split(_split_columns(run, me, task, splits, split), modalities, tokenizer,

@@ -8,6 +8,7 @@ each client's share is split into train / validation / test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from datasets import Array3D, Dataset, Features, Value
@@ -158,8 +159,6 @@ def _to_rgb_array(img: object, image_size: int) -> np.ndarray:
 
 def load_hf_task(data: DataConfig, image_size: int) -> Dataset:
     """Load a Hugging Face dataset by name (hub cache) or local `save_to_disk` folder; labels checked."""
-    from pathlib import Path
-
     import datasets
 
     if Path(data.hf_name).is_dir():
@@ -231,10 +230,37 @@ def client_task_splits(run: RunConfig, task: str, holders: list[int], partition_
         raise ValueError(f"client {partition_id} does not hold task {task!r}")
     partitioner = _task_partitioner(run, task, len(holders))
     part = partitioner.load_partition(holders.index(partition_id))
-    n = len(part)
-    if n < 3:
-        raise ValueError(f"client {partition_id} got {n} examples of {task!r}: too few to split; "
+    if len(part) < 3:
+        raise ValueError(f"client {partition_id} got {len(part)} examples of {task!r}: too few to split; "
                          "raise data.examples_per_task or use fewer clients")
+    return split_client_data(run, part, partition_id)
+
+
+def local_task_splits(run: RunConfig, task: str, data_path: str, partition_id: int, modalities: tuple[str, ...],
+                      num_classes: int) -> ClientSplits:
+    """A node's own data for `task` instead of a generated partition: `<data_path>/<task>`, a dataset
+    saved with `datasets.Dataset.save_to_disk`, with an `image` column (H x W x 3 uint8) and / or a
+    `text` column, as the task reads, and an integer `label` column; split as a partition is."""
+    folder = Path(data_path) / task
+    where = f"node config data-path={data_path!r}, task {task!r}"
+    try:
+        part = Dataset.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{where}: no dataset saved in {str(folder)!r} ({err})") from None
+    missing = [c for c in (*modalities, "label") if c not in part.column_names]
+    if missing:
+        raise ValueError(f"{where}: columns {missing} are missing (has {part.column_names})")
+    labels = np.asarray(part["label"])
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{where}: labels must be integers in 0..{num_classes - 1}")
+    if len(part) < 3:
+        raise ValueError(f"{where}: {len(part)} examples are too few to split into train / validation / test")
+    return split_client_data(run, part.select_columns([*modalities, "label"]), partition_id)
+
+
+def split_client_data(run: RunConfig, part: Dataset, partition_id: int) -> ClientSplits:
+    """A client's examples of one task -> train / validation / test, by the config's fractions (seeded)."""
+    n = len(part)
     n_val = max(1, round(n * run.data.val_fraction))
     n_test = max(1, round(n * run.data.test_fraction))
     order = np.random.default_rng([run.seed, partition_id]).permutation(n)

@@ -136,3 +136,39 @@ def test_a_saved_hf_dataset_feeds_a_federation(tmp_path):
 
     summary = run_federation(LocalGrid(make_client_app(run), 2), run)
     assert "final.global.toy.accuracy" in summary
+
+
+def test_a_node_can_train_on_its_own_data_from_a_local_path(tmp_path):
+    from fedmm import client
+    from fedmm.config import load_config
+    from fedmm.data import make_synthetic_task
+
+    make_synthetic_task("txt_color", 60, seed=5).save_to_disk(str(tmp_path / "txt_color"))
+    run = load_config(overrides=["clients.num=3", "data.examples_per_task=300", "train.local_steps=3",
+                                 "train.batch_size=8", f"out={tmp_path / 'out'}"])
+    me = client.identify(run, {"partition-id": 1, "data-path": str(tmp_path)})  # the text client
+    splits = {s: len(client.client_data(run, me, s)["txt_color"]) for s in ("train", "val", "test")}
+    assert splits == {"train": 39, "val": 9, "test": 12}  # 60 examples, 15% / 20% held out
+    generated = client.identify(run, {"partition-id": 1})
+    assert len(client.client_data(run, generated, "train")["txt_color"]) != 39
+    vectors = client.module_bank(run).initial_vectors(list(me.tasks))
+    _, examples, _, _ = client.train(run, me, vectors, 1)
+    assert examples == 3 * 8
+
+
+def test_a_bad_local_data_path_names_the_node_config_key(tmp_path):
+    import pytest
+
+    from fedmm import client
+    from fedmm.config import load_config
+
+    run = load_config(overrides=["clients.num=3", "data.examples_per_task=300"])
+    me = client.identify(run, {"partition-id": 0, "data-path": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="data-path"):
+        client.client_data(run, me, "train")
+    from fedmm.data import make_synthetic_task
+
+    make_synthetic_task("txt_color", 30, seed=1).select_columns(["label"]).save_to_disk(str(tmp_path / "t" / "txt_color"))
+    me = client.identify(run, {"partition-id": 1, "data-path": str(tmp_path / "t")})
+    with pytest.raises(ValueError, match=r"columns \['text'\] are missing"):
+        client.client_data(run, me, "train")
