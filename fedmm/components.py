@@ -23,8 +23,9 @@ class UnknownParameterError(KeyError):
     pass
 
 
-def _layer_index(parts: list[str], before: int) -> str:
-    """The block index a MoE parameter sits in: the last number in its name before `before`."""
+def layer_index(parts: list[str], before: int) -> str:
+    """The block index a MoE parameter or module sits in: the last number in its dotted name before
+    position `before` ("0" when there is none)."""
     numbers = [p for p in parts[:before] if p.isdigit()]
     return numbers[-1] if numbers else "0"
 
@@ -41,13 +42,13 @@ def component_of(param_name: str) -> str:
     else:
         raise UnknownParameterError(f"parameter {param_name!r} belongs to no component")
     if packed and "experts" in parts:
-        return expert_component(_layer_index(parts, parts.index("experts")), expert, scope)
+        return expert_component(layer_index(parts, parts.index("experts")), expert, scope)
     if scope == "fusion":
         if "experts" in parts and parts.index("experts") + 1 < len(parts):
             i = parts.index("experts")
-            return expert_component(_layer_index(parts, i), parts[i + 1], scope)
+            return expert_component(layer_index(parts, i), parts[i + 1], scope)
         if "router" in parts:
-            return router_component(_layer_index(parts, parts.index("router")))
+            return router_component(layer_index(parts, parts.index("router")))
         return FUSION
     return scope
 

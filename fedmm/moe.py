@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedmm.components import component_of, expert_component, layer_index
+from fedmm.tasks import MODALITIES
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -225,9 +228,6 @@ def sampled_routing(model: nn.Module, generator: torch.Generator) -> Iterator[li
 def routed_tokens(model: nn.Module) -> dict[str, dict[str, int]]:
     """Tokens each expert component was routed since the last reset, per modality name: the fusion
     block's experts, and those of Hugging Face MoE encoders (an encoder's `expert_counter`)."""
-    from fedmm.components import component_of, expert_component
-    from fedmm.tasks import MODALITIES
-
     counts: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, RoutedExperts):
@@ -313,7 +313,7 @@ class ExpertTokenCounter:
             parts = name.split(".")
             if parts[-1] != "experts" or not any(p.dim() == 3 for p in module.parameters()):
                 continue
-            layer = int([p for p in parts if p.isdigit()][-1]) if any(p.isdigit() for p in parts) else 0
+            layer = int(layer_index(parts, len(parts) - 1))
             experts = next(p.shape[0] for p in module.parameters() if p.dim() == 3)
             self.routed[layer] = torch.zeros(experts, dtype=torch.long)
             module.register_forward_pre_hook(self._hook(layer))

@@ -101,11 +101,7 @@ class RunResults:
         save_checkpoint(checkpoint_path(self.out, server_round), arrays)
 
     def plot(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         tasks = sorted({k.split(".")[1] for r in self.history for k in r if k.startswith("global.")})
         fig, ax = plt.subplots(figsize=(6, 4))
         for task in tasks:
@@ -117,11 +113,7 @@ class RunResults:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = self.out / PLOT_FILE
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return _save(fig, self.out / PLOT_FILE)
 
     def plot_trust(self, clients: int, malicious: set[int]) -> Path | None:
         """Clients x rounds heatmap of trust scores (blank where a client was not scored); malicious
@@ -129,11 +121,7 @@ class RunResults:
         matrix = trust_matrix(self.history, clients)
         if matrix.shape[1] == 0:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(min(2.5 + 0.35 * matrix.shape[1], 16), min(1.5 + 0.22 * clients, 16)))
         image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", vmin=0, vmax=1,
                           extent=(0.5, matrix.shape[1] + 0.5, clients - 0.5, -0.5))
@@ -142,38 +130,45 @@ class RunResults:
         ax.set_xlabel("round")
         ax.set_ylabel("client (* malicious)")
         fig.colorbar(image, ax=ax, label="trust score")
-        fig.tight_layout()
-        path = self.out / TRUST_PLOT_FILE
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return _save(fig, self.out / TRUST_PLOT_FILE)
 
     def plot_experts(self) -> Path | None:
         """Modality x expert heatmap: each expert's share of a modality's routed tokens over the run."""
         modalities, experts, matrix = expert_utilisation(self.history)
         if not experts:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig, ax = plt.subplots(figsize=(min(3 + 0.6 * len(experts), 16), 1.5 + 0.5 * len(modalities)))
         image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(float(matrix.max()), 1e-9))
         ax.set_xticks(range(len(experts)), [e.replace(".expert.", " ") for e in experts], rotation=90)
         ax.set_yticks(range(len(modalities)), modalities)
         ax.set_xlabel("expert (where, layer.expert)")
         fig.colorbar(image, ax=ax, label="share of the modality's routed tokens")
-        fig.tight_layout()
-        path = self.out / EXPERTS_PLOT_FILE
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return _save(fig, self.out / EXPERTS_PLOT_FILE)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.out / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=_jsonable))
         return path
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _jsonable(value: Any) -> Any:

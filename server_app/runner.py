@@ -67,28 +67,28 @@ def _has_experts(run: RunConfig) -> bool:
     return any(is_expert(c) for c in trainable_layouts(server_model(run)))
 
 
-def build_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
-    """The training strategy named by `strategy.name`, behind the defence `defense.name`; a
-    ConfigError if they cannot serve this run."""
-    base = _base_strategy(run, registry)
+def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits | None = None) -> Strategy:
+    """The training strategy named by `strategy.name`, behind the defence `defense.name`, checking
+    replies against `limits` (default: reply_limits(run)); a ConfigError if they cannot serve this run."""
+    limits = limits or reply_limits(run)
+    base = _base_strategy(run, registry, limits)
     if run.defense.name == "none":
         return base
     if run.defense.name == "trust":
-        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), reply_limits(run))
+        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits)
     if run.strategy.name != "fedmm":
         raise ConfigError(f"config key 'defense.name'={run.defense.name!r} replaces the aggregation rule of "
                           f"strategy.name=fedmm; it cannot combine with {run.strategy.name!r}")
     s = run.strategy
     return robust_strategy(run.defense, registry, run.seed, fraction_train=s.fraction_train,
                            min_train_nodes=s.min_train_nodes, fraction_evaluate=s.fraction_evaluate,
-                           limits=reply_limits(run))
+                           limits=limits)
 
 
-def _base_strategy(run: RunConfig, registry: NodeRegistry) -> Strategy:
+def _base_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits) -> Strategy:
     s = run.strategy
     if s.name == "fedmm":
-        return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate,
-                               reply_limits(run))
+        return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate, limits)
     cls = _import_strategy(s.name)
     if _has_experts(run):
         raise ConfigError(f"config key 'strategy.name'={s.name!r}: the model has experts, which clients send only "
@@ -118,10 +118,10 @@ def _uplink_bytes(reply: Message) -> int:
 
 
 def _prevalidate(server_round: int, replies: list[Message], registry: NodeRegistry, arrays: ArrayRecord,
-                 run: RunConfig) -> tuple[list[Message], MetricRecord]:
+                 limits: ReplyLimits) -> tuple[list[Message], MetricRecord]:
     """For plain Flower strategies: drop replies that fail fedmm's checks before the strategy sees them."""
     sent = {n.node_id: n.components for n in registry.nodes()}
-    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), reply_limits(run))
+    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), limits)
     kept, nonfinite = drop_nonfinite(accepted)
     rejected += nonfinite
     log_rejections(server_round, rejected)
@@ -199,7 +199,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     from the folder's last complete round: every random choice is seeded by seed and round, so the
     rest of the run is the one an uninterrupted run would have made."""
     registry = NodeRegistry(run)
-    strategy = build_strategy(run, registry)
+    limits = reply_limits(run)  # computed once: it may run an encoder to count tokens
+    strategy = build_strategy(run, registry, limits)
     # Evaluation is fedmm's measurement, the same whichever strategy trains.
     inner = strategy.inner if isinstance(strategy, TrustScoring) else strategy
     evaluator = inner if isinstance(inner, ComponentFedAvg) else ComponentFedAvg(
@@ -257,7 +258,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 if isinstance(strategy, TrustScoring) and not isinstance(strategy.inner, ComponentFedAvg):
                     new_arrays = _as_global(new_arrays, arrays, strategy.inner) if new_arrays is not None else None
             else:
-                replies, checked = _prevalidate(server_round, replies, registry, arrays, run)
+                replies, checked = _prevalidate(server_round, replies, registry, arrays, limits)
                 new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
                 new_arrays = _as_global(new_arrays, arrays, strategy) if new_arrays is not None else None
                 train_metrics = checked
