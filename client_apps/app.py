@@ -1,7 +1,8 @@
 """The fedmm ClientApp: Flower message handling around `fedmm.client`.
 
 `app` reads its config from the run config (`flwr run`); `fedmm simulate` builds one with
-`make_client_app(config)` because Flower's simulation API passes no run config.
+`make_client_app(config)` because Flower's simulation API passes no run config. With node config
+`model-worker`, every message goes to the node's long-lived model worker (`client_apps.worker`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,17 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmm import client, protocol
+from client_apps.worker import forward_to_worker
+from fedmm import protocol
 from fedmm.config import RunConfig, config_from_flat
+
+
+def _client():
+    """`fedmm.client` (torch, the model) is imported only where messages are answered, so a ClientApp
+    process that forwards to the node's model worker starts in well under a second."""
+    from fedmm import client
+
+    return client
 
 
 def _decode(message: Message) -> dict:
@@ -19,19 +29,19 @@ def _decode(message: Message) -> dict:
 
 
 def make_client_app(run: RunConfig | None = None) -> ClientApp:
-    app = ClientApp()
-    resolved: dict[str, RunConfig] = {}
+    app = ClientApp(mods=[forward_to_worker])
+    resolved: dict[int, RunConfig] = {}  # by run id: a model worker outlives runs
 
     def config(context: Context) -> RunConfig:
         if run is not None:
             return run
-        if "run" not in resolved:
-            resolved["run"] = config_from_flat(context.run_config)
-        return resolved["run"]
+        if context.run_id not in resolved:
+            resolved[context.run_id] = config_from_flat(context.run_config)
+        return resolved[context.run_id]
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        cfg = config(context)
+        cfg, client = config(context), _client()
         me = client.identify(cfg, context.node_config)
         record = ConfigRecord({protocol.PARTITION_ID: me.partition_id, protocol.PROFILE: me.profile,
                                protocol.TASKS: ",".join(me.tasks)})
@@ -39,7 +49,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        cfg = config(context)
+        cfg, client = config(context), _client()
         me = client.identify(cfg, context.node_config)
         server_round = int(message.content[protocol.CONFIG][protocol.SERVER_ROUND])
         arrays, num_examples, counts, metrics = client.train(cfg, me, _decode(message), server_round)
@@ -48,7 +58,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        cfg = config(context)
+        cfg, client = config(context), _client()
         me = client.identify(cfg, context.node_config)
         views = client.evaluate_model(cfg, me, _decode(message))
         metrics = MetricRecord({protocol.NUM_EXAMPLES: sum(s.count for s in views["global"].values())})
@@ -62,7 +72,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
 
     @app.train("distill")
     def distill(message: Message, context: Context) -> Message:
-        cfg = config(context)
+        cfg, client = config(context), _client()
         me = client.identify(cfg, context.node_config)
         metrics = client.distill(cfg, me, _decode(message))
         return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -13,8 +13,14 @@
 # --data-path DIR train on this machine's own data instead of a generated partition: DIR/<task> is a
 #                 dataset saved with `datasets.Dataset.save_to_disk` (image and / or text columns as
 #                 the task reads, integer label), one folder per task of the node's profile.
+# --worker-socket PATH  where this node's model worker listens (default
+#                 ${TMPDIR:-/tmp}/fedmm-worker-<uid>-<port>.sock). Flower starts a fresh ClientApp process
+#                 per message; the worker (`fedmm worker`, started here, stopped with the SuperNode)
+#                 keeps the model and the node's data loaded across messages, and the ClientApp
+#                 process only forwards to it (node config model-worker=PATH).
+# --no-model-worker     answer each message in Flower's per-message ClientApp process instead.
 set -euo pipefail
-superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1 data_path=""
+superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1 data_path="" worker=1 socket=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --superlink) superlink="$2"; shift 2 ;;
@@ -24,6 +30,8 @@ while [ $# -gt 0 ]; do
     --port) port="$2"; shift 2 ;;
     --host) host="$2"; shift 2 ;;
     --data-path) data_path="$2"; shift 2 ;;
+    --worker-socket) socket="$2"; shift 2 ;;
+    --no-model-worker) worker=0; shift ;;
     *) echo "supernode.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +42,20 @@ if [ -n "$data_path" ]; then
   [ -d "$data_path" ] || { echo "supernode.sh: --data-path $data_path is not a folder" >&2; exit 2; }
   [[ "$data_path" != *'"'* ]] || { echo "supernode.sh: --data-path must not contain a double quote" >&2; exit 2; }
   node_config="$node_config data-path=\"$(cd "$data_path" && pwd)\""
+fi
+if [ "$worker" = 1 ]; then
+  socket="${socket:-${TMPDIR:-/tmp}/fedmm-worker-$(id -u)-$port.sock}"
+  [[ "$socket" != *'"'* ]] || { echo "supernode.sh: --worker-socket must not contain a double quote" >&2; exit 2; }
+  # Started before the exec below, so the worker's parent is the SuperNode itself: it exits with it.
+  python -m fedmm.cli worker --socket "$socket" --exit-with-parent &
+  worker_pid=$!
+  for _ in $(seq 1 600); do
+    [ -S "$socket" ] && break
+    kill -0 "$worker_pid" 2>/dev/null || { echo "supernode.sh: the model worker did not start" >&2; exit 1; }
+    sleep 0.2
+  done
+  [ -S "$socket" ] || { echo "supernode.sh: the model worker did not listen on $socket within 120 s" >&2; exit 1; }
+  node_config="$node_config model-worker=\"$socket\""
 fi
 args=(--superlink "$superlink" --host "$host" --port "$port" --node-config "$node_config")
 if [ -n "$creds" ]; then

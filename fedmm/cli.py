@@ -16,6 +16,9 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApps on Flower's Simulation Engine (Ray backend)."""
     from flwr.simulation import run_simulation
 
+    from fedmm.simulation_engine import use_single_pass_poller
+
+    use_single_pass_poller()  # Flower's own poller costs nodes x messages per sweep
     # The apps are looked up by module name so the core package does not depend on them.
     importlib.import_module("server_app.runner").check_strategy(run)
     server_app = importlib.import_module("server_app.app").make_server_app(run)
@@ -39,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
                        "`fedmm simulate --out DIR`) from its last complete round, with its config.yaml")
     sim.add_argument("--ray-address", default="", help="join an existing Ray cluster (e.g. auto)")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    worker = sub.add_parser("worker", help="serve this node's ClientApp messages from one long-lived process "
+                            "(the SuperNode's node config model-worker=SOCKET points its ClientApp here)")
+    worker.add_argument("--socket", required=True, help="Unix socket path to listen on (created owner-only)")
+    worker.add_argument("--exit-with-parent", action="store_true", help="stop when the launching process ends")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        logging.getLogger("flwr").setLevel(logging.INFO)
+        importlib.import_module("client_apps.worker").serve(args.socket, args.exit_with_parent)
+        return 0
     try:
         overrides = list(args.overrides)
         if args.command == "simulate" and args.resume:

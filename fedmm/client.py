@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedmm.attacks import (
 )
 from fedmm.components import is_expert
 from fedmm.config import RunConfig, TrainConfig
-from fedmm.data import client_task_splits, local_task_splits
+from fedmm.data import client_task_splits, generated_client_splits, local_task_splits
 from fedmm.model import (
     client_components,
     component_vectors,
@@ -80,7 +81,10 @@ def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentit
     return ClientIdentity(partition_id, profile, tuple(run.clients.profiles[profile]), data_path)
 
 
-_SPLITS: dict[tuple, dict[str, TaskTensors]] = {}
+# Encoded splits of the clients this process served lately. Bounded: a process serving thousands of
+# virtual clients must not keep every one it has seen.
+_SPLITS: OrderedDict[tuple, dict[str, TaskTensors]] = OrderedDict()
+SPLITS_CACHED = 256
 
 
 def _split_columns(run: RunConfig, me: ClientIdentity, task: str, splits, split: str):
@@ -102,26 +106,33 @@ BACKDOOR_SPLIT = "backdoor"
 
 def client_data(run: RunConfig, me: ClientIdentity, split: str) -> dict[str, TaskTensors]:
     """Encoded tensors of one split (train / val / test / backdoor) of each of this client's tasks."""
-    holders = {task: tuple(task_holders(run, task)) for task in me.tasks}
+    lazy = run.data.examples_per_client > 0 or bool(me.data_path)  # no task-wide partition to share
+    holders = {} if lazy else {task: tuple(task_holders(run, task)) for task in me.tasks}
     # The attack decides what a malicious client's training data and the backdoor split hold.
-    key = (id(module_bank(run)), me.partition_id, me.data_path, tuple(holders.items()), split,
+    key = (id(module_bank(run)), me.partition_id, me.tasks, me.data_path, tuple(holders.items()), split,
            dataclasses.astuple(run.attack))
-    if key not in _SPLITS:
-        bank = module_bank(run)
-        data = {}
-        for task in me.tasks:
-            modalities = bank.specs[task].modalities
-            if me.data_path:
-                splits = local_task_splits(run, task, me.data_path, me.partition_id, modalities,
-                                           bank.specs[task].num_classes)
-            else:
-                splits = client_task_splits(run, task, list(holders[task]), me.partition_id)
-            image_size = bank.image_size() if "image" in modalities else 0
-            tokenizer = bank.tokenizer() if "text" in modalities else None
-            data[task] = encode_split(_split_columns(run, me, task, splits, split), modalities, tokenizer,
-                                      image_size)
-        _SPLITS[key] = data
-    return _SPLITS[key]
+    if key in _SPLITS:
+        _SPLITS.move_to_end(key)
+        return _SPLITS[key]
+    bank = module_bank(run)
+    data = {}
+    for task in me.tasks:
+        modalities = bank.specs[task].modalities
+        if me.data_path:
+            splits = local_task_splits(run, task, me.data_path, me.partition_id, modalities,
+                                       bank.specs[task].num_classes)
+        elif lazy:
+            splits = generated_client_splits(run, task, me.partition_id)
+        else:
+            splits = client_task_splits(run, task, list(holders[task]), me.partition_id)
+        image_size = bank.image_size() if "image" in modalities else 0
+        tokenizer = bank.tokenizer() if "text" in modalities else None
+        data[task] = encode_split(_split_columns(run, me, task, splits, split), modalities, tokenizer,
+                                  image_size)
+    _SPLITS[key] = data
+    if len(_SPLITS) > SPLITS_CACHED:
+        _SPLITS.popitem(last=False)
+    return data
 
 
 def _seed(run: RunConfig, me: ClientIdentity, server_round: int, stage: str = "global") -> int:

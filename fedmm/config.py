@@ -56,6 +56,9 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | hf
     # Synthetic data: examples generated per task, shared out among the clients holding it.
     examples_per_task: int = 1800
+    # > 0: each client's examples are generated from its own id when it first needs them, this many per
+    # task (label mix iid, or its own Dirichlet(alpha) draw): no task-wide dataset, so any number of clients.
+    examples_per_client: int = 0
     partitioner: str = "dirichlet"  # iid | dirichlet
     dirichlet_alpha: float = 1.0
     val_fraction: float = 0.15
@@ -102,6 +105,7 @@ class StrategyConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     fraction_evaluate: float = 1.0
+    fraction_final: float = 1.0  # share of clients in the final measurement (after personalization)
     reply_timeout: float = 0.0  # seconds to wait for replies; 0 waits for all
 
 
@@ -401,6 +405,7 @@ def validate(run: RunConfig) -> None:
     if not run.model.lora_target_modules:
         raise ConfigError("config key 'model.lora_target_modules' must name at least one module")
     _positive("data.examples_per_task", run.data.examples_per_task)
+    _positive("data.examples_per_client", run.data.examples_per_client, allow_zero=True)
     _positive("data.dirichlet_alpha", run.data.dirichlet_alpha)
     for key in ("val_fraction", "test_fraction"):
         value = getattr(run.data, key)
@@ -434,6 +439,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("config key 'train.min_lr_fraction' must be in [0, 1]")
     _fraction("strategy.fraction_train", run.strategy.fraction_train)
     _fraction("strategy.fraction_evaluate", run.strategy.fraction_evaluate)
+    _fraction("strategy.fraction_final", run.strategy.fraction_final)
     _positive("strategy.min_train_nodes", run.strategy.min_train_nodes)
     _positive("strategy.reply_timeout", run.strategy.reply_timeout, allow_zero=True)
     p = run.personal
@@ -454,7 +460,14 @@ def validate(run: RunConfig) -> None:
     from fedmm.tasks import task_specs
 
     known = task_specs(run)
-    if run.data.source == "synthetic":
+    if run.data.examples_per_client:
+        if run.data.source != "synthetic":
+            raise ConfigError("config key 'data.examples_per_client' generates each client's data; it needs "
+                              f"data.source=synthetic, not {run.data.source!r}")
+        if run.data.examples_per_client < 20:
+            raise ConfigError(f"config key 'data.examples_per_client'={run.data.examples_per_client} is too small: "
+                              "give each client at least 20 examples (0 shares out data.examples_per_task)")
+    elif run.data.source == "synthetic":
         names = list(run.clients.profiles)
         for task in known:
             holders = sum(task in run.clients.profiles[names[p % len(names)]] for p in range(run.clients.num))

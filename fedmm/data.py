@@ -93,29 +93,51 @@ def make_synthetic_task(task: str, num_examples: int, seed: int, image_size: int
     """Generate `num_examples` scenes for a synthetic task; labels follow from the scene."""
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(SYNTHETIC_TASKS)}")
-    rng = np.random.default_rng([seed, sorted(SYNTHETIC_TASKS).index(task)])
+    rng = np.random.default_rng([seed, _task_index(task)])
+    return _generate(task, num_examples, rng, image_size)
+
+
+def _task_index(task: str) -> int:
+    return sorted(SYNTHETIC_TASKS).index(task)
+
+
+def _generate(task: str, num_examples: int, rng: np.random.Generator, image_size: int,
+              labels: np.ndarray | None = None) -> Dataset:
+    """Scenes drawn from `rng`; with `labels`, each scene is made to have its given label."""
     images = np.zeros((num_examples, image_size, image_size, 3), dtype=np.uint8)
     texts: list[str] = []
-    labels = np.zeros(num_examples, dtype=np.int64)
+    out = np.zeros(num_examples, dtype=np.int64)
     for i in range(num_examples):
         shape, color, position = (int(v) for v in rng.integers(4, size=3))
         large = bool(rng.integers(2))
+        kind = ""
+        if labels is not None:
+            shape, color, position, kind = _with_label(task, int(labels[i]), shape, color, position)
         if task != "txt_color":
             images[i] = render_scene(shape, color, position, large, rng, image_size)
         if task == "img_shape":
             texts.append("")
-            labels[i] = shape
+            out[i] = shape
         elif task == "txt_color":
             texts.append(_caption(shape, color, position, large, rng))
-            labels[i] = color
+            out[i] = color
         else:  # vqa
-            kind = ("color", "shape", "position")[rng.integers(3)]
+            kind = kind or ("color", "shape", "position")[rng.integers(3)]
             question = _QUESTIONS[kind][rng.integers(3)]
             texts.append(question.format(shape=SHAPES[shape], color=rng.choice(_COLOR_WORDS[COLORS[color]])))
-            labels[i] = _ANSWER_OFFSET[kind] + {"color": color, "shape": shape, "position": position}[kind]
-    return Dataset.from_dict(
-        {"image": images, "text": texts, "label": labels}, features=_features(image_size)
-    )
+            out[i] = _ANSWER_OFFSET[kind] + {"color": color, "shape": shape, "position": position}[kind]
+    return Dataset.from_dict({"image": images, "text": texts, "label": out}, features=_features(image_size))
+
+
+def _with_label(task: str, label: int, shape: int, color: int, position: int) -> tuple[int, int, int, str]:
+    """Scene attributes changed so the scene's label for `task` is `label` (and the VQA question kind)."""
+    if task == "img_shape":
+        return label, color, position, ""
+    if task == "txt_color":
+        return shape, label, position, ""
+    kind = ("color", "shape", "position")[label // 4]  # VQA answers: colors, shapes, positions (_ANSWER_OFFSET)
+    attributes = {"shape": shape, "color": color, "position": position, kind: label % 4}
+    return attributes["shape"], attributes["color"], attributes["position"], kind
 
 
 def synthetic_vocabulary() -> set[str]:
@@ -234,6 +256,22 @@ def client_task_splits(run: RunConfig, task: str, holders: list[int], partition_
         raise ValueError(f"client {partition_id} got {len(part)} examples of {task!r}: too few to split; "
                          "raise data.examples_per_task or use fewer clients")
     return split_client_data(run, part, partition_id)
+
+
+def generated_client_splits(run: RunConfig, task: str, partition_id: int) -> ClientSplits:
+    """This client's own `data.examples_per_client` examples of a synthetic task, generated from its
+    partition id when first asked: nothing task-wide is built, so a federation of any size costs
+    nothing until a client is sampled. Labels are iid, or (dirichlet) drawn from the client's own
+    Dirichlet(alpha) class mix, the label skew the shared partitioner gives."""
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"data.examples_per_client generates synthetic tasks only, not {task!r}")
+    n, num_classes = run.data.examples_per_client, SYNTHETIC_TASKS[task].num_classes
+    rng = np.random.default_rng([run.seed, _task_index(task), partition_id, 0x1A2])
+    if run.data.partitioner == "dirichlet":
+        labels = rng.choice(num_classes, size=n, p=rng.dirichlet(np.full(num_classes, run.data.dirichlet_alpha)))
+    else:
+        labels = rng.integers(num_classes, size=n)
+    return split_client_data(run, _generate(task, n, rng, run.model.image_size, labels), partition_id)
 
 
 def local_task_splits(run: RunConfig, task: str, data_path: str, partition_id: int, modalities: tuple[str, ...],

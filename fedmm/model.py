@@ -134,6 +134,7 @@ class ModuleBank:
         self._heads: dict[str, nn.Linear] = {}
         self._fusion: FusionBlock | None = None
         self._tokenizer = None
+        self._components: dict[tuple[str, ...], tuple[str, ...]] = {}
         # Trainable tensors as first built (by parameter name): the untrained starting point that
         # local-only baselines begin from, whatever global model a client later receives.
         self._initial: dict[str, np.ndarray] = {}
@@ -173,6 +174,13 @@ class ModuleBank:
     def model(self, tasks: list[str] | tuple[str, ...]) -> MultiModalModel:
         encoders = {m: self.encoder(m) for m in profile_modalities(tasks, self.specs)}
         return MultiModalModel(encoders, self.fusion(), {t: self.head(t) for t in tasks}, self.specs)
+
+    def components(self, tasks: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+        """See `client_components`; one tuple per task set, shared by every client holding it."""
+        key = tuple(tasks)
+        if key not in self._components:
+            self._components[key] = tuple(sorted(trainable_layouts(self.model(key)), key=component_order))
+        return self._components[key]
 
     def initial_vectors(self, tasks: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:
         """Component vectors of `tasks`' model as first built, before any training or loading."""
@@ -307,10 +315,10 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> list[str]:
+def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> tuple[str, ...]:
     """Components a client holding `tasks` trains, as its model defines them: its encoders (and their
     experts), the fusion block's (and its routers and experts), its heads."""
-    return sorted(trainable_layouts(module_bank(run).model(list(tasks))), key=component_order)
+    return module_bank(run).components(tasks)
 
 
 __all__ = [

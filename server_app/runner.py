@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import random
+import resource
+import sys
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -38,6 +40,12 @@ from strategies.evaluation import EvaluationResult
 from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import array_shapes, node_messages
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (under simulation it also hosts Flower's engine)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _import_strategy(path: str) -> type[Strategy]:
@@ -218,7 +226,9 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             log(WARNING, "personal.method=%s keeps client state on disk: a round cut short may have "
                 "updated it once already, so the resumed run can differ from an uninterrupted one",
                 run.personal.method)
+    started = time.monotonic()
     registry.discover(grid)
+    discover_s = time.monotonic() - started
     strategy.summary()
     attack = resolve_attack(run.attack)
     malicious = malicious_clients(run)
@@ -237,7 +247,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("evaluating the initial model", total=run.rounds, completed=results.last_round)
         if not run.resume:
-            record = {"round": 0, **_evaluate(grid, evaluator, arrays, 0, run).record}
+            record = {"round": 0, "time.discover_s": discover_s, **_evaluate(grid, evaluator, arrays, 0, run).record}
             results.log_round(record)
             results.checkpoint(0, _parameters(arrays, layouts))
         for server_round in range(results.last_round + 1, run.rounds + 1):
@@ -276,6 +286,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 strategy.save_state(trust_state_path(results.out, server_round))
             record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
+            record["server.peak_rss_mb"] = peak_rss_mb()
             results.checkpoint(server_round, _parameters(arrays, layouts))
             results.log_round(record)  # last: a round is complete once its record is written
             accs = "  ".join(f"{k.split('.')[1]} {v:.3f}" for k, v in record.items()
@@ -285,7 +296,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         # The final measurement: every client, after the personalization stage (if the method has one).
         progress.update(bar, description="personalization stage")
         failed = distill_stage(grid, registry, arrays, run) if run.personal.method in ("fedavg_ft", "tap") else 0
-        final = _evaluate(grid, ComponentFedAvg(registry, fraction_evaluate=1.0), arrays, run.rounds + 1, run)
+        final = _evaluate(grid, ComponentFedAvg(registry, fraction_evaluate=run.strategy.fraction_final), arrays,
+                          run.rounds + 1, run)
         results.log_round({"round": run.rounds, "stage": "final", "personal.clients-failed": failed, **final.record})
     summary = summary_dict(run, results.history, full_bytes, trainable_bytes)
     summary["final.per_client"] = {str(k): v for k, v in sorted(final.per_client.items())}

@@ -23,6 +23,9 @@ from fedmm.config import RunConfig
 from fedmm.model import client_components
 
 
+DISCOVERY_BATCH = 256  # query messages in flight at once
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     node_id: int
@@ -36,6 +39,7 @@ class NodeRegistry:
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self._nodes: dict[int, NodeInfo] = {}
+        self._partitions: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -57,14 +61,20 @@ class NodeRegistry:
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"only {len(node_ids)} of clients.num={expected} nodes connected in {timeout:.0f} s")
             time.sleep(1.0)
-        unknown = [n for n in node_ids if n not in self._nodes]
-        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
-        for reply in replies:
-            try:
-                self._register(reply)
-            except (ValueError, KeyError, TypeError) as err:
-                log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
+        unknown = sorted(n for n in node_ids if n not in self._nodes)
+        # In batches: Flower checks every pending message id on each poll for replies, so one message
+        # per node at once costs nodes^2 over the wait (minutes at 10,000 nodes).
+        for first in range(0, len(unknown), DISCOVERY_BATCH):
+            batch = unknown[first : first + DISCOVERY_BATCH]
+            messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in batch]
+            replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
+            for reply in replies:
+                try:
+                    self._register(reply)
+                except (ValueError, KeyError, TypeError) as err:
+                    log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
+            if len(unknown) > DISCOVERY_BATCH:
+                log(INFO, "registry: %d of %d nodes asked", first + len(batch), len(unknown))
         log(INFO, "registry: %d nodes, profiles %s", len(self._nodes),
             {p: sum(n.profile == p for n in self._nodes.values()) for p in self.run.clients.profiles})
 
@@ -78,16 +88,16 @@ class NodeRegistry:
             raise ValueError(f"partition id {partition_id!r} is not an integer")
         if not 0 <= partition_id < self.run.clients.num:
             raise ValueError(f"partition id {partition_id} outside 0..{self.run.clients.num - 1}")
-        if partition_id in {n.partition_id for n in self._nodes.values()}:
+        if partition_id in self._partitions:
             raise ValueError(f"partition id {partition_id} is already taken by another node")
         if profile != assigned_profile(self.run, partition_id):
             raise ValueError(f"profile {profile!r} is not the one partition {partition_id} has")
         tasks = tuple(self.run.clients.profiles[profile])
         if str(record[protocol.TASKS]) != ",".join(tasks):
             raise ValueError(f"tasks {record[protocol.TASKS]!r} disagree with profile {profile!r}")
-        components = tuple(client_components(list(tasks), self.run))
         node_id = reply.metadata.src_node_id
-        self._nodes[node_id] = NodeInfo(node_id, partition_id, profile, tasks, components)
+        self._nodes[node_id] = NodeInfo(node_id, partition_id, profile, tasks, client_components(tasks, self.run))
+        self._partitions.add(partition_id)
 
     def sample(self, fraction: float, min_nodes: int, server_round: int, salt: int = 0) -> list[NodeInfo]:
         nodes = self.nodes()

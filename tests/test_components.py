@@ -30,9 +30,9 @@ def test_unknown_parameter_is_an_error(name):
 
 
 def test_components_follow_the_tasks(small_run):
-    assert client_components(["img_shape"], small_run) == ["encoder.image", FUSION, "head.img_shape"]
-    assert client_components(["vqa", "txt_color"], small_run) == [
-        "encoder.image", "encoder.text", FUSION, "head.txt_color", "head.vqa"]
+    assert client_components(["img_shape"], small_run) == ("encoder.image", FUSION, "head.img_shape")
+    assert client_components(["vqa", "txt_color"], small_run) == (
+        "encoder.image", "encoder.text", FUSION, "head.txt_color", "head.vqa")
 
 
 def test_every_trainable_tensor_has_one_component_and_frozen_ones_are_never_sent(small_run):

@@ -34,12 +34,21 @@ def test_overrides_are_typed():
         ("train.local_steps=2", "'train.local_steps' must be >= 3"),
         ("data.hf_task=my.task", "'data.hf_task'"),
         ("clients.profiles.a+b=vqa", "profile names"),
+        ("data.examples_per_client=10", "'data.examples_per_client'=10 is too small"),
+        ("clients.num=200", "'data.examples_per_task'=1800 is too small"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_generated_client_data_lifts_the_shared_dataset_limit_but_needs_synthetic_data():
+    assert load_config(overrides=["clients.num=10000", "data.examples_per_client=40"]).clients.num == 10000
+    with pytest.raises(ConfigError, match="needs data.source=synthetic"):
+        load_config(overrides=["data.examples_per_client=40", "data.source=hf", "data.hf_name=x",
+                               "data.hf_num_classes=2", "data.hf_text_column=t"])
 
 
 def test_profiles_given_by_user_replace_the_defaults():

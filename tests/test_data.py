@@ -8,6 +8,7 @@ from fedmm.data import (
     SHAPES,
     _COLOR_WORDS,
     client_task_splits,
+    generated_client_splits,
     make_synthetic_task,
     map_hf_columns,
     synthetic_vocabulary,
@@ -82,6 +83,42 @@ def test_dirichlet_partitions_are_skewed(small_run):
         labels = np.asarray(client_task_splits(small_run, "img_shape", holders, p).train["label"])
         dists.append(np.bincount(labels, minlength=4) / len(labels))
     assert max(d.max() for d in dists) > 0.5
+
+
+@pytest.mark.parametrize("task", ["img_shape", "txt_color", "vqa"])
+def test_generated_client_data_is_the_clients_own_and_labels_follow_the_scene(small_run, task):
+    small_run.data.examples_per_client = 60
+    small_run.data.dirichlet_alpha = 0.1
+    a, again = generated_client_splits(small_run, task, 7), generated_client_splits(small_run, task, 7)
+    other = generated_client_splits(small_run, task, 8)
+    assert sum(len(s) for s in (a.train, a.val, a.test)) == 60
+    assert list(a.train["text"]) == list(again.train["text"]) and list(a.train["label"]) == list(again.train["label"])
+    assert np.array_equal(np.asarray(a.train.with_format("numpy")["image"]),
+                          np.asarray(again.train.with_format("numpy")["image"]))
+    assert list(a.train["text"]) != list(other.train["text"]) or list(a.train["label"]) != list(other.train["label"])
+    labels = np.concatenate([np.asarray(x["label"]) for x in (a.train, a.val, a.test)])
+    assert np.bincount(labels).max() / len(labels) > 0.5  # alpha 0.1: a skewed class mix
+    if task == "txt_color":  # the caption names the forced color
+        for text, label in zip(a.train["text"], a.train["label"]):
+            assert set(text.split()) & set(_COLOR_WORDS[COLORS[label]]), text
+    if task == "vqa":  # the question asks what the label answers
+        for text, label in zip(a.train["text"], a.train["label"]):
+            if "where" in text or "corner" in text or "placed" in text:
+                assert 8 <= label < 12, text
+            if "color" in text and "shape" not in text:
+                assert label < 4, text
+    if task == "img_shape":  # the forced shape is drawn: same-label scenes share a footprint
+        ds = a.train.with_format("numpy")
+        bright = (np.asarray(ds["image"], dtype=np.float32).max(-1) > 120).mean((1, 2))
+        assert bright.min() > 0.02
+
+
+def test_iid_generated_client_data_covers_the_classes(small_run):
+    small_run.data.examples_per_client = 200
+    small_run.data.partitioner = "iid"
+    s = generated_client_splits(small_run, "vqa", 0)
+    labels = np.concatenate([np.asarray(x["label"]) for x in (s.train, s.val, s.test)])
+    assert len(set(labels)) == 12 and max(np.bincount(labels)) < 0.2 * 200
 
 
 def test_hf_columns_are_mapped():

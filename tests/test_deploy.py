@@ -3,6 +3,7 @@ loopback, talking Flower's gRPC/HTTPS transport with TLS and SuperNode authentic
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -75,6 +76,13 @@ def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(tmp_pat
     logs = out / "deploy" / "logs"
     assert "--enable-supernode-auth" in (logs / "superlink.log").read_text() or (out / "deploy" / "creds").is_dir()
     assert not _flower_processes_of(out)  # every process it started is gone
+    # Each node's model worker answered its messages (query, 2 trainings, 3 evaluations at least) and is gone.
+    for i in range(3):
+        log = (logs / f"supernode-{i}.log").read_text()
+        assert len(re.findall(r"model worker: message \d+ answered", log)) >= 6, log[-2000:]
+        worker = int(re.search(r"model worker listening on .* \(pid (\d+)\)", log).group(1))
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
 
 
 def _stop(group: int) -> None:

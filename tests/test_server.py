@@ -173,6 +173,31 @@ def test_a_node_claiming_a_taken_partition_is_left_out(tmp_path):
     assert sorted(n.partition_id for n in registry.nodes()) == [0, 1, 2]
 
 
+def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatch):
+    monkeypatch.setattr("strategies.nodes.DISCOVERY_BATCH", 3)
+    run = fast_run(tmp_path, "clients.num=7", "data.examples_per_client=20")
+    grid = LocalGrid(make_client_app(run), 7)
+    twin = max(grid.partition_of) + 1  # a late node claiming partition 0, in the last batch
+    grid.partition_of[twin], grid.contexts[twin] = 0, grid.contexts[min(grid.partition_of)]
+    batches, send = [], grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        messages = list(messages)
+        batches.append(len(messages))
+        return send(messages, timeout=timeout)
+
+    grid.send_and_receive = recording
+    registry = NodeRegistry(run)
+    registry.discover(grid)
+    assert batches == [3, 3, 2]  # every node asked once
+    assert sorted(n.partition_id for n in registry.nodes()) == list(range(7))
+    assert twin not in registry.order()
+    # Nodes with the same profile share one components tuple: the registry holds ids and small metadata.
+    by_profile = {}
+    for node in registry.nodes():
+        assert by_profile.setdefault(node.profile, node.components) is node.components
+
+
 def _lying_evaluation(reply: Message) -> Message:
     metrics = reply.content[protocol.METRICS]
     task = next(k for k in metrics.keys() if k.startswith("count.")).split(".", 1)[1]
