@@ -177,7 +177,7 @@ def distill_stage(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, run: 
 
     Returns how many clients failed to.
     """
-    nodes = registry.nodes()
+    nodes = registry.online()
     batch = run.personal.distill_batch or len(nodes)
     failed = 0
     for start in range(0, len(nodes), batch):

@@ -170,8 +170,7 @@ class ComponentFedAvg(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if len(self.registry) == 0:
-            self.registry.discover(grid)
+        self.registry.refresh(grid)
         nodes = self.registry.sample(self.fraction_train, self.min_train_nodes, server_round)
         self._arrays = arrays
         self._sent = {n.node_id: n.components for n in nodes}
@@ -212,8 +211,7 @@ class ComponentFedAvg(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if len(self.registry) == 0:
-            self.registry.discover(grid)
+        self.registry.refresh(grid)
         nodes = self.registry.sample(self.fraction_evaluate, 1, server_round, salt=1)
         config = dict(config) | {protocol.SERVER_ROUND: server_round}
         return node_messages(nodes, arrays, config, MessageType.EVALUATE)

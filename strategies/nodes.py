@@ -39,7 +39,8 @@ class NodeRegistry:
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self._nodes: dict[int, NodeInfo] = {}
-        self._partitions: set[int] = set()
+        self._partitions: dict[int, int] = {}  # partition id -> node id
+        self._online: set[int] = set()  # node ids the grid listed at the last discovery or refresh
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -61,11 +62,30 @@ class NodeRegistry:
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"only {len(node_ids)} of clients.num={expected} nodes connected in {timeout:.0f} s")
             time.sleep(1.0)
-        unknown = sorted(n for n in node_ids if n not in self._nodes)
+        self._online = set(node_ids)
+        self._ask(grid, sorted(n for n in node_ids if n not in self._nodes), timeout)
+        log(INFO, "registry: %d nodes, profiles %s", len(self._nodes),
+            {p: sum(n.profile == p for n in self._nodes.values()) for p in self.run.clients.profiles})
+
+    def refresh(self, grid: Grid, timeout: float = 300.0) -> None:
+        """Before a round: the nodes the SuperLink lists as online now (a dead node drops out once its
+        heartbeats stop, instead of costing every round a reply timeout), and the profiles of
+        newcomers, such as a restarted SuperNode taking its partition back."""
+        if not self._nodes:
+            self.discover(grid, timeout)
+            return
+        self._online = set(grid.get_node_ids())
+        self._ask(grid, sorted(self._online - self._nodes.keys()), timeout)
+
+    def online(self) -> list[NodeInfo]:
+        """Registered nodes that were online at the last discovery or refresh, by partition id."""
+        return [n for n in self.nodes() if n.node_id in self._online]
+
+    def _ask(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
         # In batches: Flower checks every pending message id on each poll for replies, so one message
         # per node at once costs nodes^2 over the wait (minutes at 10,000 nodes).
-        for first in range(0, len(unknown), DISCOVERY_BATCH):
-            batch = unknown[first : first + DISCOVERY_BATCH]
+        for first in range(0, len(node_ids), DISCOVERY_BATCH):
+            batch = node_ids[first : first + DISCOVERY_BATCH]
             messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in batch]
             replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
             for reply in replies:
@@ -73,10 +93,8 @@ class NodeRegistry:
                     self._register(reply)
                 except (ValueError, KeyError, TypeError) as err:
                     log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
-            if len(unknown) > DISCOVERY_BATCH:
-                log(INFO, "registry: %d of %d nodes asked", first + len(batch), len(unknown))
-        log(INFO, "registry: %d nodes, profiles %s", len(self._nodes),
-            {p: sum(n.profile == p for n in self._nodes.values()) for p in self.run.clients.profiles})
+            if len(node_ids) > DISCOVERY_BATCH:
+                log(INFO, "registry: %d of %d nodes asked", first + len(batch), len(node_ids))
 
     def _register(self, reply: Message) -> None:
         if reply.has_error():
@@ -88,7 +106,8 @@ class NodeRegistry:
             raise ValueError(f"partition id {partition_id!r} is not an integer")
         if not 0 <= partition_id < self.run.clients.num:
             raise ValueError(f"partition id {partition_id} outside 0..{self.run.clients.num - 1}")
-        if partition_id in self._partitions:
+        holder = self._partitions.get(partition_id)
+        if holder is not None and holder in self._online:
             raise ValueError(f"partition id {partition_id} is already taken by another node")
         if profile != assigned_profile(self.run, partition_id):
             raise ValueError(f"profile {profile!r} is not the one partition {partition_id} has")
@@ -96,11 +115,15 @@ class NodeRegistry:
         if str(record[protocol.TASKS]) != ",".join(tasks):
             raise ValueError(f"tasks {record[protocol.TASKS]!r} disagree with profile {profile!r}")
         node_id = reply.metadata.src_node_id
+        if holder is not None:  # the partition's earlier node went offline: this one replaces it
+            del self._nodes[holder]
+            log(INFO, "node %d takes partition %d over from offline node %d", node_id, partition_id, holder)
         self._nodes[node_id] = NodeInfo(node_id, partition_id, profile, tasks, client_components(tasks, self.run))
-        self._partitions.add(partition_id)
+        self._partitions[partition_id] = node_id
 
     def sample(self, fraction: float, min_nodes: int, server_round: int, salt: int = 0) -> list[NodeInfo]:
-        nodes = self.nodes()
+        """A seeded sample of the online nodes: the same clients whatever ids the transport gave them."""
+        nodes = self.online()
         size = min(len(nodes), max(int(round(fraction * len(nodes))), min_nodes))
         if size >= len(nodes):
             return nodes

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,10 +60,16 @@ def _run_config(out: Path) -> str:
     return " ".join([f'out="{out}"'] + [f"{k}={v}" for k, v in CONFIG.items()])
 
 
+@pytest.fixture(scope="module")
+def flwr_run(superlink, tmp_path_factory):
+    """One complete `flwr run` of CONFIG: (results folder, run id)."""
+    out = tmp_path_factory.mktemp("flwr") / "run"
+    return out, _flwr_run(superlink, _run_config(out))["run-id"]
+
+
 @pytest.mark.slow
-def test_flwr_run_matches_fedmm_simulate(superlink, tmp_path):
-    flwr_out, sim_out = tmp_path / "flwr", tmp_path / "sim"
-    run_id = _flwr_run(superlink, _run_config(flwr_out))["run-id"]
+def test_flwr_run_matches_fedmm_simulate(superlink, flwr_run, tmp_path):
+    (flwr_out, run_id), sim_out = flwr_run, tmp_path / "sim"
     listing = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=superlink,
                              capture_output=True, text=True, timeout=120)
     assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:completed", listing.stdout
@@ -81,6 +88,31 @@ def test_flwr_run_matches_fedmm_simulate(superlink, tmp_path):
     summary_b = json.loads((sim_out / "summary.json").read_text())
     accuracies = [k for k in summary_a if k.endswith(".accuracy")]
     assert accuracies and all(summary_a[k] == pytest.approx(summary_b[k], abs=1e-9) for k in accuracies)
+
+
+@pytest.mark.slow
+def test_a_server_killed_under_flwr_run_resumes_to_the_same_arrays(superlink, flwr_run, tmp_path):
+    full, _ = flwr_run
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    # What a server killed during round 2 leaves: rounds 0 and 1 recorded and checkpointed, no summary.
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                               if r["round"] <= 1 and "stage" not in r))
+    (cut / "checkpoints" / "round-0002.safetensors").unlink()
+    (cut / "summary.json").unlink()
+    reply = _flwr_run(superlink, _run_config(cut) + " resume=true")
+    listing = subprocess.run(["flwr", "ls", "--run-id", str(reply["run-id"]), "--format", "json"], env=superlink,
+                             capture_output=True, text=True, timeout=120)
+    assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:completed", listing.stdout
+    a = load_file(str(full / "checkpoints" / "round-0002.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "round-0002.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    resumed = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in resumed if "stage" not in r] == [0, 1, 2]  # round 2 run once, after the cut
+    assert (cut / "summary.json").is_file()
 
 
 def _flwr_run(env: dict, run_config: str, timeout: int = 600) -> dict:

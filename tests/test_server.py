@@ -198,6 +198,22 @@ def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatc
         assert by_profile.setdefault(node.profile, node.components) is node.components
 
 
+def test_an_offline_node_is_not_sampled_and_a_restarted_one_takes_its_partition_back(tmp_path):
+    run = fast_run(tmp_path, "clients.num=4", "data.examples_per_client=20")
+    grid = LocalGrid(make_client_app(run), 4)
+    registry = NodeRegistry(run)
+    registry.refresh(grid)  # the first refresh waits for the nodes and asks them all
+    dead = next(n for n, p in grid.partition_of.items() if p == 2)
+    context = grid.contexts[dead]
+    del grid.partition_of[dead]  # its heartbeats lapsed: the SuperLink no longer lists it
+    registry.refresh(grid)
+    assert [n.partition_id for n in registry.sample(1.0, 1, server_round=1)] == [0, 1, 3]
+    grid.partition_of[dead + 1], grid.contexts[dead + 1] = 2, context  # restarted, with a new node id
+    registry.refresh(grid)
+    assert [n.partition_id for n in registry.sample(1.0, 1, server_round=2)] == [0, 1, 2, 3]
+    assert registry.info(dead + 1).partition_id == 2 and dead not in registry.order()
+
+
 def _lying_evaluation(reply: Message) -> Message:
     metrics = reply.content[protocol.METRICS]
     task = next(k for k in metrics.keys() if k.startswith("count.")).split(".", 1)[1]
