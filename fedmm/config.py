@@ -106,7 +106,7 @@ class StrategyConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 1.0
     fraction_final: float = 1.0  # share of clients in the final measurement (after personalization)
-    reply_timeout: float = 0.0  # seconds to wait for replies; 0 waits for all
+    reply_timeout: float = 0.0  # seconds to wait for replies, per batch of 256 messages; 0 waits for all
 
 
 @dataclass

@@ -39,7 +39,7 @@ from strategies.component_fedavg import drop_nonfinite, log_rejections, round_me
 from strategies.evaluation import EvaluationResult
 from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
-from strategies.nodes import array_shapes, node_messages
+from strategies.nodes import array_shapes, node_messages, send_in_batches
 
 
 def peak_rss_mb() -> float:
@@ -166,7 +166,7 @@ def _parameters(arrays: ArrayRecord, layouts) -> dict[str, np.ndarray]:
 def _evaluate(grid: Grid, evaluator: ComponentFedAvg, arrays: ArrayRecord, server_round: int,
               run: RunConfig) -> EvaluationResult:
     messages = list(evaluator.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
+    replies = send_in_batches(grid, messages, _timeout(run))
     result = evaluator.pool_evaluation(server_round, replies)
     result.record["evaluate.clients-missing"] = len(messages) - len(replies)  # no reply within the timeout
     return result
@@ -183,7 +183,7 @@ def distill_stage(grid: Grid, registry: NodeRegistry, arrays: ArrayRecord, run: 
     for start in range(0, len(nodes), batch):
         messages = node_messages(nodes[start : start + batch], arrays, {protocol.SERVER_ROUND: run.rounds},
                                  protocol.DISTILL)
-        for reply in grid.send_and_receive(messages, timeout=_timeout(run)):
+        for reply in send_in_batches(grid, messages, _timeout(run)):
             if reply.has_error():
                 failed += 1
                 log(WARNING, "distillation failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -255,7 +255,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             random.seed(f"{run.seed}:{server_round}")  # Flower's own strategies sample with `random`
             progress.update(bar, description=f"training round {server_round}")
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            replies = list(grid.send_and_receive(messages, timeout=_timeout(run)))
+            replies = send_in_batches(grid, messages, _timeout(run))
             # Every reply that arrived used the uplink, accepted or not.
             uplink = [_uplink_bytes(r) for r in replies if not r.has_error()]
             forging = attack is not None and attack.model is not None

@@ -8,7 +8,7 @@ the transport assigned.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -23,7 +23,9 @@ from fedmm.config import RunConfig
 from fedmm.model import client_components
 
 
-DISCOVERY_BATCH = 256  # query messages in flight at once
+# Messages in flight at once. Flower checks every pending message id each time it polls for replies,
+# so one send of 10,000 messages costs quadratic time (minutes); batches keep each poll small.
+MESSAGE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,8 @@ class NodeRegistry:
         return [n for n in self.nodes() if n.node_id in self._online]
 
     def _ask(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
-        # In batches: Flower checks every pending message id on each poll for replies, so one message
-        # per node at once costs nodes^2 over the wait (minutes at 10,000 nodes).
-        for first in range(0, len(node_ids), DISCOVERY_BATCH):
-            batch = node_ids[first : first + DISCOVERY_BATCH]
+        for first in range(0, len(node_ids), MESSAGE_BATCH):
+            batch = node_ids[first : first + MESSAGE_BATCH]
             messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in batch]
             replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
             for reply in replies:
@@ -93,7 +93,7 @@ class NodeRegistry:
                     self._register(reply)
                 except (ValueError, KeyError, TypeError) as err:
                     log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
-            if len(node_ids) > DISCOVERY_BATCH:
+            if len(node_ids) > MESSAGE_BATCH:
                 log(INFO, "registry: %d of %d nodes asked", first + len(batch), len(node_ids))
 
     def _register(self, reply: Message) -> None:
@@ -130,6 +130,14 @@ class NodeRegistry:
         rng = np.random.default_rng([self.run.seed, server_round, salt])
         picked = sorted(rng.choice(len(nodes), size=size, replace=False))
         return [nodes[i] for i in picked]
+
+
+def send_in_batches(grid: Grid, messages: Sequence[Message], timeout: float | None) -> list[Message]:
+    """`grid.send_and_receive` over `messages`, MESSAGE_BATCH at a time; `timeout` applies per batch."""
+    replies: list[Message] = []
+    for first in range(0, len(messages), MESSAGE_BATCH):
+        replies.extend(grid.send_and_receive(messages[first : first + MESSAGE_BATCH], timeout=timeout))
+    return replies
 
 
 def node_messages(nodes: Iterable[NodeInfo], arrays: ArrayRecord, config: Mapping[str, int | float | str],

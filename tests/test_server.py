@@ -173,12 +173,8 @@ def test_a_node_claiming_a_taken_partition_is_left_out(tmp_path):
     assert sorted(n.partition_id for n in registry.nodes()) == [0, 1, 2]
 
 
-def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatch):
-    monkeypatch.setattr("strategies.nodes.DISCOVERY_BATCH", 3)
-    run = fast_run(tmp_path, "clients.num=7", "data.examples_per_client=20")
-    grid = LocalGrid(make_client_app(run), 7)
-    twin = max(grid.partition_of) + 1  # a late node claiming partition 0, in the last batch
-    grid.partition_of[twin], grid.contexts[twin] = 0, grid.contexts[min(grid.partition_of)]
+def _record_batches(grid: LocalGrid) -> list[int]:
+    """The sizes of the grid's sends, as they happen."""
     batches, send = [], grid.send_and_receive
 
     def recording(messages, *, timeout=None):
@@ -187,6 +183,16 @@ def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatc
         return send(messages, timeout=timeout)
 
     grid.send_and_receive = recording
+    return batches
+
+
+def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatch):
+    monkeypatch.setattr("strategies.nodes.MESSAGE_BATCH", 3)
+    run = fast_run(tmp_path, "clients.num=7", "data.examples_per_client=20")
+    grid = LocalGrid(make_client_app(run), 7)
+    twin = max(grid.partition_of) + 1  # a late node claiming partition 0, in the last batch
+    grid.partition_of[twin], grid.contexts[twin] = 0, grid.contexts[min(grid.partition_of)]
+    batches = _record_batches(grid)
     registry = NodeRegistry(run)
     registry.discover(grid)
     assert batches == [3, 3, 2]  # every node asked once
@@ -196,6 +202,18 @@ def test_discovery_asks_in_batches_and_registers_every_node(tmp_path, monkeypatc
     by_profile = {}
     for node in registry.nodes():
         assert by_profile.setdefault(node.profile, node.components) is node.components
+
+
+def test_every_send_goes_in_batches_and_the_run_is_the_same(tmp_path, monkeypatch):
+    whole = run_federation(LocalGrid(make_client_app(fast_run(tmp_path / "a")), 3), fast_run(tmp_path / "a"))
+    monkeypatch.setattr("strategies.nodes.MESSAGE_BATCH", 2)
+    run = fast_run(tmp_path / "b")
+    grid = LocalGrid(make_client_app(run), 3)
+    batches = _record_batches(grid)
+    batched = run_federation(grid, run)
+    assert max(batches) == 2 and len(grid.sent) == sum(batches)
+    accuracies = [k for k in whole if k.endswith(".accuracy")]
+    assert accuracies and all(whole[k] == batched[k] for k in accuracies)
 
 
 def test_an_offline_node_is_not_sampled_and_a_restarted_one_takes_its_partition_back(tmp_path):
