@@ -52,12 +52,16 @@ def request(path: str, message: Message, context: Context) -> Message:
         raise WorkerUnavailable(f"node config {WORKER_KEY}={path!r}: no model worker answers there ({err}); "
                                 f"start it with `fedmm worker --socket {path}` or drop the key") from None
     with conn:
-        conn.send_bytes(message_to_proto(message).SerializeToString())
-        conn.send_bytes(context_to_proto(context).SerializeToString())
-        status = json.loads(conn.recv_bytes())
-        if not status.get("ok"):
-            raise RuntimeError(f"model worker at {path!r} failed: {status.get('error', 'no reason given')}")
-        reply = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+        try:
+            conn.send_bytes(message_to_proto(message).SerializeToString())
+            conn.send_bytes(context_to_proto(context).SerializeToString())
+            status = json.loads(conn.recv_bytes())
+            if not status.get("ok"):
+                raise RuntimeError(f"model worker at {path!r} failed: {status.get('error', 'no reason given')}")
+            reply = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+        except (EOFError, ConnectionError) as err:
+            raise WorkerUnavailable(f"model worker at {path!r} closed the connection before replying "
+                                    f"({type(err).__name__}); did it crash? see its log") from None
     return Message(reply.content, reply_to=message)
 
 

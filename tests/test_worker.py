@@ -4,7 +4,9 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
+from multiprocessing.connection import Listener
 
 import numpy as np
 import pytest
@@ -71,6 +73,26 @@ def test_a_worker_error_comes_back_named(tmp_path, worker):
     grid.contexts[node].node_config[("partition-id")] = 7  # outside clients.num
     with pytest.raises(RuntimeError, match="partition-id 7 is outside"):
         list(grid.send_and_receive([Message(RecordDict(), dst_node_id=node, message_type="query")]))
+
+
+def test_a_worker_that_dies_mid_message_is_named(tmp_path):
+    path = str(tmp_path / "dying.sock")
+    listener = Listener(path, family="AF_UNIX")
+
+    def accept_then_die():
+        conn = listener.accept()
+        conn.recv_bytes()
+        conn.close()
+
+    thread = threading.Thread(target=accept_then_die)
+    thread.start()
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    message = Message(RecordDict(), dst_node_id=5, message_type="query")
+    message.metadata.__dict__.update(_message_id="m1", _src_node_id=0, _run_id=1)
+    with pytest.raises(WorkerUnavailable, match="closed the connection before replying"):
+        request(path, message, context)
+    thread.join()
+    listener.close()
 
 
 def test_no_worker_at_the_path_names_the_node_config_key(tmp_path):
