@@ -236,11 +236,13 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     last_update: dict[str, np.ndarray] | None = None
     if run.resume and attack is not None and attack.model is not None:
         # The colluders' last view: the last round that changed the global model, as they saw it.
+        after = _restore_arrays(results, layouts, results.last_round)
         for r in range(results.last_round, 0, -1):
-            after, before = _restore_arrays(results, layouts, r), _restore_arrays(results, layouts, r - 1)
+            before = _restore_arrays(results, layouts, r - 1)
             if any(not np.array_equal(after[k], before[k]) for k in after):
                 last_update = {k: after[k] - before[k] for k in after}
                 break
+            after = before
     console = Console(stderr=True)
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]

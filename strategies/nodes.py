@@ -84,17 +84,12 @@ class NodeRegistry:
         return [n for n in self.nodes() if n.node_id in self._online]
 
     def _ask(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
-        for first in range(0, len(node_ids), MESSAGE_BATCH):
-            batch = node_ids[first : first + MESSAGE_BATCH]
-            messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in batch]
-            replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
-            for reply in replies:
-                try:
-                    self._register(reply)
-                except (ValueError, KeyError, TypeError) as err:
-                    log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
-            if len(node_ids) > MESSAGE_BATCH:
-                log(INFO, "registry: %d of %d nodes asked", first + len(batch), len(node_ids))
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        for reply in sorted(send_in_batches(grid, messages, timeout), key=lambda r: r.metadata.src_node_id):
+            try:
+                self._register(reply)
+            except (ValueError, KeyError, TypeError) as err:
+                log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
 
     def _register(self, reply: Message) -> None:
         if reply.has_error():
@@ -137,6 +132,9 @@ def send_in_batches(grid: Grid, messages: Sequence[Message], timeout: float | No
     replies: list[Message] = []
     for first in range(0, len(messages), MESSAGE_BATCH):
         replies.extend(grid.send_and_receive(messages[first : first + MESSAGE_BATCH], timeout=timeout))
+        if len(messages) > MESSAGE_BATCH:  # a long send (discovery at thousands of nodes) shows progress
+            log(INFO, "%d of %d messages answered or timed out", min(first + MESSAGE_BATCH, len(messages)),
+                len(messages))
     return replies
 
 
