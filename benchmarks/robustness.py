@@ -5,7 +5,9 @@ default three profiles, 30% malicious, Dirichlet 0.5, 20 rounds. Writes `robustn
 `robustness.json` to --out and prints the JSON summary as its last line. Clean accuracy is the
 final global accuracy averaged over tasks; attack success is the backdoor success rate (triggered
 test inputs whose true label is not the target, classified as the target) where the attack plants
-a backdoor. A run whose folder holds a finished run with the same config is read back.
+a backdoor. The `none` row poisons nothing but still measures the trigger: its success there is the
+base rate a defence cannot go below (a model's errors that happen to fall on the target class). A
+run whose folder holds a finished run with the same config is read back.
 
 The full grid is 10 x 9 runs per seed at the default model (hours on 2 CPUs); `--attacks` and
 `--defenses` pick a part of it, and `--small` shrinks the model and the data for a quick pass.
@@ -35,7 +37,9 @@ TASKS = ("img_shape", "txt_color", "vqa")
 
 def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -> dict:
     overrides = [*SETTING, f"defense.name={defense}", f"seed={seed}", *extra]
-    if attack != "none":
+    if attack == "none":  # nobody poisons; the trigger is still measured: its base rate
+        overrides += ["attack.name=backdoor", "attack.data=none", "attack.fraction=0.3"]
+    else:
         overrides += [f"attack.name={attack}", "attack.fraction=0.3"]
     summary = simulate_cached(out / f"{attack}-{defense}-seed{seed}", overrides)
     result = {
@@ -66,7 +70,7 @@ def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
             asr = [r["attack_success"] for r in mine if r["attack_success"] is not None]
             success[defense] = float(np.mean(asr)) if asr else None
             cells.append(f"{acc} / {_cell(asr)}")
-        if "trust" in defenses and success.get("trust") is not None:
+        if attack != "none" and "trust" in defenses and success.get("trust") is not None:
             others = [v for d, v in success.items() if d not in ("trust", "none") and v is not None]
             i = defenses.index("trust")
             if others and success["trust"] > min(others) + 0.01:

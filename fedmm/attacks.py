@@ -154,9 +154,11 @@ def resolve_attack(cfg: AttackConfig) -> Attack | None:
 
 
 def measures_backdoor(cfg: AttackConfig) -> bool:
-    """Whether evaluation measures a backdoor: the attack poisons data with the trigger."""
+    """Whether evaluation measures a backdoor: the attack poisons data with the trigger, or is a
+    trigger attack whose poisoning `attack.data=none` turned off. That run's success rate is the
+    trigger's base rate: how often a model nobody poisoned maps triggered inputs to the target."""
     attack = resolve_attack(cfg)
-    return attack is not None and attack.data == "backdoor"
+    return attack is not None and (attack.data == "backdoor" or ATTACKS.get(cfg.name, attack).data == "backdoor")
 
 
 def evaluation_views(cfg: AttackConfig) -> tuple[str, ...]:

@@ -130,3 +130,15 @@ def test_the_triggered_test_set_leaves_out_the_target_class_and_labels_the_rest_
     assert len(out["label"]) == 30 and (out["label"] == 1).all()
     assert (out["image"][:, -3:, -3:] == 255).all()
     assert out["text"] == [t for t, y in zip(_columns()["text"], _columns()["label"]) if y != 1]  # text untouched
+
+
+def test_the_trigger_is_measured_whenever_the_attack_names_one():
+    assert attacks.measures_backdoor(AttackConfig(name="backdoor"))
+    assert attacks.measures_backdoor(AttackConfig(name="neurotoxin"))
+    # Poisoning off: the trigger's base rate on a model nobody poisoned.
+    assert attacks.measures_backdoor(AttackConfig(name="backdoor", data="none"))
+    assert attacks.measures_backdoor(AttackConfig(name="sign_flip", data="backdoor"))
+    assert not attacks.measures_backdoor(AttackConfig(name="sign_flip"))
+    assert not attacks.measures_backdoor(AttackConfig(name="label_flip"))
+    assert not attacks.measures_backdoor(AttackConfig(name="none"))
+    assert attacks.evaluation_views(AttackConfig(name="backdoor", data="none"))[-1] == "backdoor"
