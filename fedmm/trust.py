@@ -95,11 +95,14 @@ def outlier_score(values: np.ndarray, side: str = "both") -> np.ndarray:
 # --- stage 1: indicators ----------------------------------------------------------------------------
 
 
+def clip_factors(norms: np.ndarray) -> np.ndarray:
+    """min(1, median norm / norm) per update: the factors that clip each update to the median norm."""
+    return np.minimum(1.0, float(np.median(norms)) / np.maximum(norms, _EPS))
+
+
 def robust_reference(deltas: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """Mean of the updates after clipping each to the median norm: no single client can dominate it."""
-    clip = float(np.median(norms))
-    factors = np.minimum(1.0, clip / np.maximum(norms, _EPS))
-    return (factors / len(factors)).astype(deltas.dtype) @ deltas
+    return (clip_factors(norms) / len(norms)).astype(deltas.dtype) @ deltas
 
 
 def spikiness(deltas: np.ndarray) -> np.ndarray:
@@ -222,12 +225,18 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
     the sampled indicators read.
     """
     kind = component_kind(component, layout)
-    part = deltas[:, sample].astype(np.float64)  # float64: finite float32 updates cannot overflow here
-    part_norms = np.linalg.norm(part, axis=1).astype(np.float64)
-    reference = robust_reference(part, part_norms)
-    cosine = (part @ reference) / np.maximum(part_norms * float(np.linalg.norm(reference)), _EPS)
-    raw: dict[str, np.ndarray] = {"direction": cosine, "spikiness": spikiness(part),
-                                  "sign": sign_agreement(part, reference)}
+    part = deltas[:, sample]
+    # Each sampled row divided by its largest magnitude: float32 cannot overflow on any finite update,
+    # and direction, spikiness and sign agreement do not depend on a row's scale.
+    peak = np.abs(part).max(axis=1).astype(np.float64)
+    unit = part / np.maximum(peak, _EPS).astype(np.float32)[:, None]
+    unit_norms = np.linalg.norm(unit, axis=1).astype(np.float64)
+    # The robust reference (the updates clipped to the median norm, then averaged), up to its scale.
+    coef = clip_factors(unit_norms * peak) * peak
+    reference = (coef / max(float(coef.max()), _EPS)).astype(np.float32) @ unit
+    cosine = (unit @ reference) / np.maximum(unit_norms * float(np.linalg.norm(reference)), _EPS)
+    raw: dict[str, np.ndarray] = {"direction": cosine, "spikiness": spikiness(unit),
+                                  "sign": sign_agreement(unit, reference)}
     judged = {"direction": outlier_score(cosine, "low"), "spikiness": outlier_score(raw["spikiness"], "high"),
               "sign": outlier_score(raw["sign"], "low")}
     update_norm = norms
@@ -304,21 +313,34 @@ def layer_features(updates: np.ndarray, reference: np.ndarray, norms: np.ndarray
 MIN_SILHOUETTE = 0.45  # a random cloud splits at under 0.35 (99th percentile, 6-40 points in 9-D): nobody stands apart
 
 
+def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a two-cluster split, from the square distance matrix (a point alone in its
+    cluster scores 0, as in Rousseeuw's definition)."""
+    members = np.stack([labels == 0, labels == 1], axis=1).astype(np.float64)
+    sizes = members.sum(axis=0)
+    mean_to = distances @ members  # (n, 2) summed distance to each cluster
+    own = labels.astype(int)
+    a = mean_to[np.arange(len(labels)), own] / np.maximum(sizes[own] - 1, 1)
+    b = mean_to[np.arange(len(labels)), 1 - own] / sizes[1 - own]
+    s = np.where(sizes[own] > 1, (b - a) / np.maximum(np.maximum(a, b), _EPS), 0.0)
+    return float(s.mean())
+
+
 def honest_members(features: np.ndarray, trusted: np.ndarray) -> np.ndarray:
     """Which rows fall in the honest one of two average-linkage clusters: the cluster holding most
     of the trusted rows. Features are standardised (robustly) so no single one dominates. A split
     whose silhouette stays under MIN_SILHOUETTE finds no group apart, and every row is honest."""
-    from sklearn.cluster import AgglomerativeClustering
-    from sklearn.metrics import silhouette_score
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist, squareform
 
     if len(features) < 3:
         return np.ones(len(features), dtype=bool)
     med = np.median(features, axis=0)
     scale = 1.4826 * np.median(np.abs(features - med), axis=0)
     scale = np.where(scale > _EPS, scale, np.maximum(features.std(axis=0), _EPS))
-    z = (features - med) / scale
-    labels = AgglomerativeClustering(n_clusters=2, linkage="average").fit_predict(z)
-    if len(set(labels)) < 2 or silhouette_score(z, labels) < MIN_SILHOUETTE:
+    distances = pdist((features - med) / scale)
+    labels = fcluster(linkage(distances, method="average"), 2, criterion="maxclust") - 1
+    if len(set(labels)) < 2 or silhouette(squareform(distances), labels) < MIN_SILHOUETTE:
         return np.ones(len(features), dtype=bool)
     honest = np.bincount(labels[trusted], minlength=2).argmax()
     return labels == honest
