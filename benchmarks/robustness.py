@@ -71,7 +71,7 @@ def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
             success[defense] = float(np.mean(asr)) if asr else None
             cells.append(f"{acc} / {_cell(asr)}")
         if attack != "none" and "trust" in defenses and success.get("trust") is not None:
-            others = [v for d, v in success.items() if d not in ("trust", "none") and v is not None]
+            others = [v for d, v in success.items() if d not in ("trust", "none", "oracle") and v is not None]
             i = defenses.index("trust")
             if others and success["trust"] > min(others) + 0.01:
                 cells[i] += " (loses)"

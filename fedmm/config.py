@@ -150,7 +150,7 @@ class AttackConfig:
 
 @dataclass
 class DefenseConfig:
-    name: str = "none"  # none | trust | krum | multikrum | bulyan | median | trimmed_mean | fltrust | flame
+    name: str = "none"  # none | trust | krum | multikrum | bulyan | median | trimmed_mean | fltrust | flame | oracle
     trusted_fraction: float = 0.5  # trust: top share by score, aggregated outright
     rejected_fraction: float = 0.2  # trust: bottom share, dropped; the middle is inspected layer-wise
     pass_early: float = 0.4  # trust: share of layers a suspicious client must pass ...
@@ -197,7 +197,8 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
-DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
+# `oracle` is no defence: it leaves out exactly the simulated attackers, the bound for any defence that drops clients.
+DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame", "oracle")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "hf"),
@@ -497,6 +498,8 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
         raise ConfigError(f"config key 'attack.fraction' must be in [0, 1), got {a.fraction}")
     if a.name != "none" and a.fraction == 0:
         raise ConfigError(f"config key 'attack.name'={a.name!r} needs 'attack.fraction' > 0")
+    if d.name == "oracle" and a.name == "none":
+        raise ConfigError("config key 'defense.name'='oracle' leaves out the malicious clients: it needs an 'attack.name'")
     for key in ("poison_fraction", "neurotoxin_keep"):
         _fraction(f"attack.{key}", getattr(a, key))
     for key in ("scale", "norm_bound", "radius", "boost"):

@@ -37,6 +37,7 @@ from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.component_fedavg import drop_nonfinite, log_rejections, round_metrics, validate_replies
 from strategies.evaluation import EvaluationResult
+from strategies.oracle import OracleExclusion
 from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import array_shapes, node_messages, send_in_batches
@@ -88,9 +89,11 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
         raise ConfigError(f"config key 'defense.name'={run.defense.name!r} replaces the aggregation rule of "
                           f"strategy.name=fedmm; it cannot combine with {run.strategy.name!r}")
     s = run.strategy
-    return robust_strategy(run.defense, registry, run.seed, fraction_train=s.fraction_train,
-                           min_train_nodes=s.min_train_nodes, fraction_evaluate=s.fraction_evaluate,
-                           limits=limits)
+    common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes,
+                  fraction_evaluate=s.fraction_evaluate, limits=limits)
+    if run.defense.name == "oracle":  # the simulator's truth, as the adversary reads it: a bound, not a defence
+        return OracleExclusion(registry, malicious_clients(run), **common)
+    return robust_strategy(run.defense, registry, run.seed, **common)
 
 
 def _base_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits) -> Strategy:
