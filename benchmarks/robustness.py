@@ -60,8 +60,11 @@ def _cell(values: list[float | None]) -> str:
 
 def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
     """Rows: attacks; columns: defences; each cell clean accuracy / attack success (mean over seeds).
-    A trust cell that loses to the best baseline on attack success is marked."""
+    A trust cell that loses to the best baseline (the oracle is none) on attack success is marked, and
+    so is one above 0.05, noting when that is within 0.02 of trust's base rate (the `none` row)."""
     lines = ["| attack | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 1) + "|"]
+    base = [r["attack_success"] for r in results if r["attack"] == "none" and r["defense"] == "trust"
+            and r["attack_success"] is not None]
     for attack in attacks:
         cells, success = [], {}
         for defense in defenses:
@@ -76,7 +79,8 @@ def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
             if others and success["trust"] > min(others) + 0.01:
                 cells[i] += " (loses)"
             if success["trust"] > 0.05:
-                cells[i] += " (fails)"
+                at_base = base and success["trust"] <= float(np.mean(base)) + 0.02
+                cells[i] += " (fails, at the base rate)" if at_base else " (fails)"
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,7 +101,9 @@ def main() -> None:
     setting = " ".join([*SETTING, *extra, "attack.fraction=0.3"])
     md = (f"Clean accuracy (mean over tasks) / attack success rate, mean over {args.seeds} seed(s); "
           f"`{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
-          f"baseline holds the attack lower.\n\n{table(results, args.attacks, args.defenses)}\n")
+          f"baseline holds the attack lower. The `none` row poisons nothing: its success is the "
+          f"trigger's base rate. `oracle` leaves out exactly the attackers: the best any defence "
+          f"that drops clients can do.\n\n{table(results, args.attacks, args.defenses)}\n")
     (out / "robustness.md").write_text(md)
     (out / "robustness.json").write_text(json.dumps(results, indent=2))
     print(md)
