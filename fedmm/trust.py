@@ -259,6 +259,39 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
     return ComponentTrust(list(client_ids), raw, judged, trust)
 
 
+# --- one score per client -------------------------------------------------------------------------
+
+# Share of a client's score given to its consensus. A sign or label flip turns every component a little
+# against the cohort, each within the 2-SD band one component's direction is judged by; averaged over
+# the client's components it stands out (sign flipping, --small grid: detection AUC 0.55 -> 0.91).
+CONSENSUS_WEIGHT = 0.3
+
+
+def client_consensus(scored: Mapping[str, ComponentTrust]) -> dict[int, float]:
+    """Each client's mean direction (cosine to the robust reference) over its components other than
+    task heads: non-IID clients rightly pull their heads against the cohort (a head alone counts
+    when the client holds nothing else)."""
+    shared: dict[int, list[float]] = {}
+    heads: dict[int, list[float]] = {}
+    for name, result in scored.items():
+        into = heads if name.startswith("head.") else shared
+        for c, cosine in zip(result.client_ids, result.indicators["direction"].tolist()):
+            into.setdefault(c, []).append(cosine)
+    return {c: float(np.mean(shared.get(c) or heads[c])) for c in {*shared, *heads}}
+
+
+def client_trust(component_scores: Mapping[int, Sequence[float]], consensus: Mapping[int, float]) -> dict[int, float]:
+    """Mean of a client's component scores, blended with its consensus relative to the cohort's
+    median consensus (1 at or above it, 0 at or below zero). A cohort without a common direction
+    (median <= 0) gives the consensus no say."""
+    median = float(np.median(list(consensus.values()))) if consensus else 0.0
+    out = {}
+    for c, scores in component_scores.items():
+        agreement = min(1.0, max(0.0, consensus[c] / median)) if median > 0 else 1.0
+        out[c] = (1 - CONSENSUS_WEIGHT) * float(np.mean(scores)) + CONSENSUS_WEIGHT * agreement
+    return out
+
+
 # --- the split -------------------------------------------------------------------------------------
 
 TRUSTED, SUSPICIOUS, REJECTED = "trusted", "suspicious", "rejected"
@@ -472,10 +505,11 @@ class RoundDecision:
 
     aggregated: list[int]
     category: dict[int, str]  # stage-1 split (clients that passed the input checks)
-    trust: dict[int, float]  # mean of the client's component trust scores
+    trust: dict[int, float]  # the client's score: its component scores and its consensus (client_trust)
     inspection: dict[int, float | None]  # suspicious client -> share of its layers judged honest
     dropped: dict[int, str]  # client -> reason it is not aggregated
     components: dict[str, ComponentTrust]
+    consensus: dict[int, float] = field(default_factory=dict)  # mean direction over shared components
 
 
 def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
@@ -557,7 +591,8 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
         scored[name] = result
         for c, t in zip(holders, result.trust):
             per_client[c].append(float(t))
-    trust = {c: float(np.mean(v)) for c, v in per_client.items()}
+    consensus = client_consensus(scored)
+    trust = client_trust(per_client, consensus)
     category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
     inspection = _inspect(components, layouts, category, rng)
     need = pass_early if server_round <= late_round else pass_late
@@ -587,7 +622,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     # an honest client recovers); never two, so passing inspection does not outrank being trusted.
     for c in clients:
         reputation.participate(c, earned=int(c in honest))
-    return RoundDecision(candidates, category, trust, inspection, dropped, scored)
+    return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
 
 
 def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout], category: Mapping[int, str],

@@ -106,7 +106,7 @@ class TrustScoring(Strategy):
             indicators = {f"{c}.{name}": float(values[result.client_ids.index(p)])
                           for c, result in decision.components.items() if p in result.client_ids
                           for name, values in result.indicators.items()}
-            report[p] = {"trust": decision.trust[p], "category": cat,
+            report[p] = {"trust": decision.trust[p], "consensus": decision.consensus.get(p), "category": cat,
                          "decision": "aggregated" if p in decision.aggregated else decision.dropped.get(p, ""),
                          "inspection": decision.inspection.get(p), "indicators": indicators}
         for p, reason in decision.dropped.items():

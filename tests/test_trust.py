@@ -266,3 +266,44 @@ def test_an_all_honest_federation_keeps_its_trusted_clients_after_warm_up():
         held_out += sum(decision.category[c] == "trusted" and r.startswith("reputation")
                         for c, r in decision.dropped.items())
     assert held_out <= 10  # of about 100 trusted client-rounds after warm-up
+
+
+def test_consensus_averages_the_direction_over_shared_components_and_ignores_heads():
+    def result(ids, cosines):
+        return trust.ComponentTrust(ids, {"direction": np.array(cosines)}, {}, np.ones(len(ids)))
+
+    scored = {"encoder.image": result([0, 1], [0.4, -0.2]), "fusion.shared": result([0, 1, 2], [0.2, 0.0, 0.3]),
+              "head.a": result([0, 1], [-0.9, 0.9]), "head.b": result([3], [0.5])}
+    consensus = trust.client_consensus(scored)
+    assert consensus == pytest.approx({0: 0.3, 1: -0.1, 2: 0.3, 3: 0.5})  # client 3 holds only a head
+    scores = trust.client_trust({c: [1.0] for c in consensus}, consensus)
+    w = trust.CONSENSUS_WEIGHT
+    assert scores == pytest.approx({0: 1.0, 1: 1 - w, 2: 1.0, 3: 1.0})  # median 0.3: client 1 gets 0
+    # No common direction in the cohort: the consensus ranks nobody below anybody.
+    even = (1 - w) * 0.5 + w
+    assert trust.client_trust({0: [0.5], 1: [0.5]}, {0: -0.1, 1: 0.0}) == pytest.approx({0: even, 1: even})
+
+
+def test_a_client_that_flips_every_component_is_rejected(monkeypatch):
+    # Wide non-IID spread, and three honest clients with outlying norms: the flipped client's cosine
+    # stays near its cohort on each component, and only its mean over the components gives it away.
+    rng = np.random.default_rng(3)
+    n, p = 12, 4096
+    common = rng.standard_normal(p).astype(np.float32)
+    updates, layouts = {}, {}
+    for name in ("encoder.image", "encoder.text", "fusion.shared"):
+        weight = np.linspace(0.0, 0.6, n, dtype=np.float32)[rng.permutation(n), None]
+        weight[0] = 0.1
+        deltas = weight * common + 0.7 * rng.standard_normal((n, p)).astype(np.float32)
+        deltas[0] *= -1  # a small honest step, flipped
+        deltas[1:4] *= 3
+        updates[name] = trust.ComponentUpdates(list(range(n)), deltas)
+        layouts[name] = layout(w=(p,))
+    sent = {name: np.zeros(p, np.float32) for name in updates}
+    decision = trust.decide_round(updates, sent, layouts, trust.Reputation(), 1, np.random.default_rng(0))
+    assert min(decision.components[name].scores["direction"][0] for name in updates) > 0.85
+    assert decision.consensus[0] < min(v for c, v in decision.consensus.items() if c)
+    assert decision.category[0] == trust.REJECTED
+    monkeypatch.setattr(trust, "CONSENSUS_WEIGHT", 0.0)  # component scores alone: the norms rank lower
+    alone = trust.decide_round(updates, sent, layouts, trust.Reputation(), 1, np.random.default_rng(0))
+    assert alone.category[0] != trust.REJECTED and alone.trust[0] > max(alone.trust[c] for c in (1, 2, 3))
