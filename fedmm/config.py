@@ -157,6 +157,7 @@ class DefenseConfig:
     pass_late: float = 0.6  # ... before and after round `late_round`
     late_round: int = 5
     warmup_rounds: int = 3  # trust: reputation drops clients only after this many rounds
+    consensus_weight: float = 0.3  # trust: share of a client's score given to its mean direction over its non-head components
     max_relative_norm: float = 100.0  # updates larger than this x the median update norm, or x the component's own norm, are rejected outright
     num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
     trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
@@ -515,7 +516,7 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
         raise ConfigError(f"config key 'attack.trigger_token'={a.trigger_token!r} must be one lower-case word")
     if a.target < 0:
         raise ConfigError(f"config key 'attack.target' must be >= 0, got {a.target}")
-    for key in ("trusted_fraction", "rejected_fraction"):
+    for key in ("trusted_fraction", "rejected_fraction", "consensus_weight"):
         if not 0 <= getattr(d, key) < 1:
             raise ConfigError(f"config key 'defense.{key}' must be in [0, 1), got {getattr(d, key)}")
     if d.trusted_fraction + d.rejected_fraction > 1 or d.trusted_fraction == 0:

@@ -261,12 +261,6 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
 
 # --- one score per client -------------------------------------------------------------------------
 
-# Share of a client's score given to its consensus. A sign or label flip turns every component a little
-# against the cohort, each within the 2-SD band one component's direction is judged by; averaged over
-# the client's components it stands out (sign flipping, --small grid: detection AUC 0.55 -> 0.91).
-CONSENSUS_WEIGHT = 0.3
-
-
 def client_consensus(scored: Mapping[str, ComponentTrust]) -> dict[int, float]:
     """Each client's mean direction (cosine to the robust reference) over its components other than
     task heads: non-IID clients rightly pull their heads against the cohort (a head alone counts
@@ -280,15 +274,20 @@ def client_consensus(scored: Mapping[str, ComponentTrust]) -> dict[int, float]:
     return {c: float(np.mean(shared.get(c) or heads[c])) for c in {*shared, *heads}}
 
 
-def client_trust(component_scores: Mapping[int, Sequence[float]], consensus: Mapping[int, float]) -> dict[int, float]:
-    """Mean of a client's component scores, blended with its consensus relative to the cohort's
-    median consensus (1 at or above it, 0 at or below zero). A cohort without a common direction
-    (median <= 0) gives the consensus no say."""
+def client_trust(component_scores: Mapping[int, Sequence[float]], consensus: Mapping[int, float],
+                 weight: float = 0.3) -> dict[int, float]:
+    """Mean of a client's component scores, blended (`weight`) with its consensus relative to the
+    cohort's median consensus (1 at or above it, 0 at or below zero). A cohort without a common
+    direction (median <= 0) gives the consensus no say.
+
+    A sign or label flip turns every component a little against the cohort, each within the 2-SD band
+    one component's direction is judged by; averaged over the client's components it stands out
+    (sign flipping on the --small robustness grid: detection AUC 0.55 -> 0.91 at weight 0.3)."""
     median = float(np.median(list(consensus.values()))) if consensus else 0.0
     out = {}
     for c, scores in component_scores.items():
         agreement = min(1.0, max(0.0, consensus[c] / median)) if median > 0 else 1.0
-        out[c] = (1 - CONSENSUS_WEIGHT) * float(np.mean(scores)) + CONSENSUS_WEIGHT * agreement
+        out[c] = (1 - weight) * float(np.mean(scores)) + weight * agreement
     return out
 
 
@@ -571,7 +570,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                  layouts: Mapping[str, ComponentLayout], reputation: Reputation, server_round: int,
                  rng: np.random.Generator, *, trusted_fraction: float = 0.5, rejected_fraction: float = 0.2,
                  pass_early: float = 0.4, pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
-                 max_relative_norm: float = 100.0) -> RoundDecision:
+                 max_relative_norm: float = 100.0, consensus_weight: float = 0.3) -> RoundDecision:
     """Both stages and the reputation update for one round; `reputation` is updated in place.
     `rng` draws the coordinates the sampled indicators read (fresh each round)."""
     dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
@@ -592,7 +591,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
         for c, t in zip(holders, result.trust):
             per_client[c].append(float(t))
     consensus = client_consensus(scored)
-    trust = client_trust(per_client, consensus)
+    trust = client_trust(per_client, consensus, consensus_weight)
     category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
     inspection = _inspect(components, layouts, category, rng)
     need = pass_early if server_round <= late_round else pass_late

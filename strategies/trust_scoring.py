@@ -82,7 +82,8 @@ class TrustScoring(Strategy):
                                 self.reputation, server_round, rng,
                                 trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
-                                warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm)
+                                warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm,
+                                consensus_weight=d.consensus_weight)
         node_of = {p: u.node_id for p, u in updates.items()}
         for p, reason in sorted(decision.dropped.items()):
             log(WARNING if reason.split(":")[0] in ("non-finite", "zero-update", "absurd-norm", "duplicate")

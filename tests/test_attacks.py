@@ -94,6 +94,7 @@ def test_a_custom_attack_is_imported_by_path():
     (["attack.trigger_token=two words"], "one lower-case word"),
     (["defense.name=magic"], "defense.name"),
     (["defense.trusted_fraction=0.7", "defense.rejected_fraction=0.4"], "defense.trusted_fraction"),
+    (["defense.consensus_weight=1.5"], "defense.consensus_weight"),
 ])
 def test_bad_attack_and_defense_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

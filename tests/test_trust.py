@@ -277,14 +277,14 @@ def test_consensus_averages_the_direction_over_shared_components_and_ignores_hea
     consensus = trust.client_consensus(scored)
     assert consensus == pytest.approx({0: 0.3, 1: -0.1, 2: 0.3, 3: 0.5})  # client 3 holds only a head
     scores = trust.client_trust({c: [1.0] for c in consensus}, consensus)
-    w = trust.CONSENSUS_WEIGHT
+    w = 0.3
     assert scores == pytest.approx({0: 1.0, 1: 1 - w, 2: 1.0, 3: 1.0})  # median 0.3: client 1 gets 0
     # No common direction in the cohort: the consensus ranks nobody below anybody.
     even = (1 - w) * 0.5 + w
     assert trust.client_trust({0: [0.5], 1: [0.5]}, {0: -0.1, 1: 0.0}) == pytest.approx({0: even, 1: even})
 
 
-def test_a_client_that_flips_every_component_is_rejected(monkeypatch):
+def test_a_client_that_flips_every_component_is_rejected():
     # Wide non-IID spread, and three honest clients with outlying norms: the flipped client's cosine
     # stays near its cohort on each component, and only its mean over the components gives it away.
     rng = np.random.default_rng(3)
@@ -304,6 +304,7 @@ def test_a_client_that_flips_every_component_is_rejected(monkeypatch):
     assert min(decision.components[name].scores["direction"][0] for name in updates) > 0.85
     assert decision.consensus[0] < min(v for c, v in decision.consensus.items() if c)
     assert decision.category[0] == trust.REJECTED
-    monkeypatch.setattr(trust, "CONSENSUS_WEIGHT", 0.0)  # component scores alone: the norms rank lower
-    alone = trust.decide_round(updates, sent, layouts, trust.Reputation(), 1, np.random.default_rng(0))
+    # The component scores alone (consensus_weight 0, the previous rule): the norms rank lower.
+    alone = trust.decide_round(updates, sent, layouts, trust.Reputation(), 1, np.random.default_rng(0),
+                               consensus_weight=0.0)
     assert alone.category[0] != trust.REJECTED and alone.trust[0] > max(alone.trust[c] for c in (1, 2, 3))
