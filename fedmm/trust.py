@@ -275,7 +275,7 @@ def client_consensus(scored: Mapping[str, ComponentTrust]) -> dict[int, float]:
 
 
 def client_trust(component_scores: Mapping[int, Sequence[float]], consensus: Mapping[int, float],
-                 weight: float = 0.3) -> dict[int, float]:
+                 weight: float) -> dict[int, float]:
     """Mean of a client's component scores, blended (`weight`) with its consensus relative to the
     cohort's median consensus (1 at or above it, 0 at or below zero). A cohort without a common
     direction (median <= 0) gives the consensus no say.

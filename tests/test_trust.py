@@ -276,12 +276,12 @@ def test_consensus_averages_the_direction_over_shared_components_and_ignores_hea
               "head.a": result([0, 1], [-0.9, 0.9]), "head.b": result([3], [0.5])}
     consensus = trust.client_consensus(scored)
     assert consensus == pytest.approx({0: 0.3, 1: -0.1, 2: 0.3, 3: 0.5})  # client 3 holds only a head
-    scores = trust.client_trust({c: [1.0] for c in consensus}, consensus)
     w = 0.3
+    scores = trust.client_trust({c: [1.0] for c in consensus}, consensus, w)
     assert scores == pytest.approx({0: 1.0, 1: 1 - w, 2: 1.0, 3: 1.0})  # median 0.3: client 1 gets 0
     # No common direction in the cohort: the consensus ranks nobody below anybody.
     even = (1 - w) * 0.5 + w
-    assert trust.client_trust({0: [0.5], 1: [0.5]}, {0: -0.1, 1: 0.0}) == pytest.approx({0: even, 1: even})
+    assert trust.client_trust({0: [0.5], 1: [0.5]}, {0: -0.1, 1: 0.0}, w) == pytest.approx({0: even, 1: even})
 
 
 def test_a_client_that_flips_every_component_is_rejected():
