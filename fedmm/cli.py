@@ -16,6 +16,7 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApps on Flower's Simulation Engine (Ray backend)."""
     from flwr.simulation import run_simulation
 
+    from fedmm.ray_cluster import ray_init_args
     from fedmm.simulation_engine import use_single_pass_poller
 
     use_single_pass_poller()  # Flower's own poller costs nodes x messages per sweep
@@ -23,12 +24,26 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     importlib.import_module("server_app.runner").check_strategy(run)
     server_app = importlib.import_module("server_app.app").make_server_app(run)
     client_app = importlib.import_module("client_apps.app").make_client_app(run)
-    init_args = {"address": ray_address} if ray_address else {}
     backend_config = {
         "client_resources": {"num_cpus": run.clients.num_cpus, "num_gpus": run.clients.num_gpus},
-        "init_args": init_args,
+        "init_args": ray_init_args(ray_address),
     }
     run_simulation(server_app, client_app, num_supernodes=run.clients.num, backend_config=backend_config)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fedmm.pretrain import load_pretrain_config, pretrain
+
+    try:
+        card = pretrain(load_pretrain_config(args.config, args.overrides), args.out)
+    except ConfigError as err:
+        print(f"fedmm: config error: {err}", file=sys.stderr)
+        return 2
+    retrieval = card["retrieval_top1"]
+    print(f"fedmm pretrain: {args.out}: {card['steps']} steps, loss {card['first_loss']:.3f} -> "
+          f"{card['final_loss']:.3f}, held-out retrieval top-1 image->text {retrieval['image_to_text']:.3f}, "
+          f"text->image {retrieval['text_to_image']:.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--out", help="results folder")
     where.add_argument("--resume", metavar="DIR", help="carry on the run in DIR (a killed or stopped "
                        "`fedmm simulate --out DIR`) from its last complete round, with its config.yaml")
-    sim.add_argument("--ray-address", default="", help="join an existing Ray cluster (e.g. auto)")
+    sim.add_argument("--ray-address", default="", help="join a running Ray cluster (auto, or host:port); without "
+                     "it the simulation starts its own local Ray instance")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     worker = sub.add_parser("worker", help="serve this node's ClientApp messages from one long-lived process "
                             "(the SuperNode's node config model-worker=SOCKET points its ClientApp here)")
     worker.add_argument("--socket", required=True, help="Unix socket path to listen on (created owner-only)")
     worker.add_argument("--exit-with-parent", action="store_true", help="stop when the launching process ends")
+    pre = sub.add_parser("pretrain", help="build a foundation base: contrastive image-caption pretraining of the "
+                         "ViT and BERT encoders on a generated corpus (resumes from DIR's checkpoint)")
+    pre.add_argument("--out", required=True, help="output folder: image/ and text/ (Hugging Face), card.json")
+    pre.add_argument("--config", help="YAML file of pretraining keys (see fedmm.pretrain.PretrainConfig)")
+    pre.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="key=value")
@@ -54,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("flwr").setLevel(logging.INFO)
         importlib.import_module("client_apps.worker").serve(args.socket, args.exit_with_parent)
         return 0
+    if args.command == "pretrain":
+        return _pretrain(args)
     try:
         overrides = list(args.overrides)
         if args.command == "simulate" and args.resume:
@@ -81,10 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO)
+    from fedmm.ray_cluster import RayClusterUnreachable
+
     try:
         simulate(run, args.ray_address)
     except ConfigError as err:
         print(f"fedmm: config error: {err}", file=sys.stderr)
+        return 2
+    except RayClusterUnreachable as err:
+        print(f"fedmm: {err}", file=sys.stderr)
         return 2
     if not (out / "summary.json").is_file():
         print("fedmm: the run did not finish (no summary.json); see the log above", file=sys.stderr)

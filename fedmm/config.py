@@ -31,9 +31,10 @@ DEFAULT_PROFILES: dict[str, list[str]] = {
 
 @dataclass
 class ModelConfig:
-    # Hugging Face model id or local path; empty builds a small encoder from the sizes below.
-    image_encoder: str = ""
-    text_encoder: str = ""
+    # fedmm:<name> (a base shipped with fedmm), a `fedmm pretrain` output folder, a Hugging Face model id or
+    # local path; empty builds a small random encoder from the sizes below (frozen: it learns nothing).
+    image_encoder: str = "fedmm:scenes"
+    text_encoder: str = "fedmm:scenes"
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -85,10 +86,10 @@ class ClientsConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = 30  # optimizer steps per round; 0 means use local_epochs
+    local_steps: int = 45  # optimizer steps per round; 0 means use local_epochs
     local_epochs: float = 0.0
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 6e-3
     lr_schedule: str = "cosine"  # constant | cosine
     min_lr_fraction: float = 0.1
     weight_decay: float = 0.01
@@ -184,7 +185,7 @@ class MoEConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
-    rounds: int = 8
+    rounds: int = 12
     out: str = ""  # results folder; required by `fedmm simulate --out`
     resume: bool = False  # continue the run in `out` from its last complete round (its config must match)
     model: ModelConfig = field(default_factory=ModelConfig)

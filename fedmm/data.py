@@ -54,6 +54,20 @@ def _features(image_size: int) -> Features:
     )
 
 
+def shape_mask(shape: int, cy: float, cx: float, r: float, size: int) -> np.ndarray:
+    """Pixels (size, size) covered by shape `shape` of radius `r` centred at (cy, cx)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dy, dx = yy - cy, xx - cx
+    if SHAPES[shape] == "circle":
+        return dy**2 + dx**2 <= r**2
+    if SHAPES[shape] == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if SHAPES[shape] == "triangle":
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    w = r * 0.35  # cross
+    return ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+
+
 def render_scene(shape: int, color: int, position: int, large: bool, rng: np.random.Generator,
                  size: int = 32) -> np.ndarray:
     """One object on a noisy background; returns uint8 (size, size, 3)."""
@@ -62,17 +76,7 @@ def render_scene(shape: int, color: int, position: int, large: bool, rng: np.ran
     cy = (position // 2) * half + half / 2 + rng.uniform(-2, 2)
     cx = (position % 2) * half + half / 2 + rng.uniform(-2, 2)
     r = (0.62 if large else 0.45) * half + rng.uniform(-0.5, 0.5)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dy, dx = yy - cy, xx - cx
-    if SHAPES[shape] == "circle":
-        mask = dy**2 + dx**2 <= r**2
-    elif SHAPES[shape] == "square":
-        mask = (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
-    elif SHAPES[shape] == "triangle":
-        mask = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
-    else:  # cross
-        w = r * 0.35
-        mask = ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+    mask = shape_mask(shape, cy, cx, r, size)
     rgb = _RGB[color] + rng.normal(0.0, 18.0, 3)
     image[mask] = rgb + rng.normal(0.0, 8.0, (int(mask.sum()), 3))
     return np.clip(image, 0, 255).astype(np.uint8)

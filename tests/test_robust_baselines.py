@@ -65,7 +65,7 @@ def test_fltrust_weights_by_relu_cosine_and_rescales_to_the_server_norm():
     np.testing.assert_allclose(np.linalg.norm(rescaled, axis=1), 1.0)
 
 
-FAST = ["clients.num=5", "data.examples_per_task=400", "model.hidden_size=32", "model.intermediate_size=64",
+FAST = ["clients.num=5", "data.examples_per_task=400", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
         "model.fusion_dim=16", "rounds=1", "train.local_steps=3", "train.batch_size=8",
         "defense.root_examples=16"]
 

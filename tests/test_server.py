@@ -18,7 +18,7 @@ from fedmm.config import ConfigError, load_config
 from server_app.runner import build_strategy, run_federation
 from strategies import ComponentFedAvg, NodeRegistry
 
-FAST = ["clients.num=3", "data.examples_per_task=240", "model.hidden_size=32", "model.intermediate_size=64",
+FAST = ["clients.num=3", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
         "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8"]
 
 

@@ -65,7 +65,7 @@ def test_bad_config_stops_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_an_attacked_simulation_with_trust_scoring_on_real_ray(tmp_path):
     out = tmp_path / "attacked"
-    tiny = ["clients.num=6", "rounds=2", "data.examples_per_task=480", "model.hidden_size=32",
+    tiny = ["clients.num=6", "rounds=2", "data.examples_per_task=480", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32",
             "model.intermediate_size=64", "model.fusion_dim=16", "train.local_steps=5"]
     proc = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(out), *tiny,
                            "attack.name=scaling", "attack.fraction=0.34", "defense.name=trust"],

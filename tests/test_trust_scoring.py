@@ -14,7 +14,7 @@ from server_app.runner import build_strategy, run_federation
 from strategies import NodeRegistry
 from strategies.trust_scoring import TrustScoring
 
-FAST = ["clients.num=6", "data.examples_per_task=480", "model.hidden_size=32", "model.intermediate_size=64",
+FAST = ["clients.num=6", "data.examples_per_task=480", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
         "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8", "defense.name=trust"]
 ONE_PROFILE = ["clients.profiles.all=img_shape"]
 

@@ -19,7 +19,7 @@ from client_apps.worker import WORKER_KEY, WorkerUnavailable, request
 from fedmm.config import load_config, to_flat
 from server_app.runner import run_federation
 
-FAST = ["clients.num=3", "data.examples_per_task=240", "model.hidden_size=32", "model.intermediate_size=64",
+FAST = ["clients.num=3", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
         "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8"]
 
 

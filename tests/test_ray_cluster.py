@@ -1,0 +1,76 @@
+"""A simulation never joins a Ray cluster nobody named, and a named one that does not answer is a
+clear error, not a hang."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fedmm.ray_cluster as ray_cluster
+from fedmm.cli import main
+from fedmm.ray_cluster import RayClusterUnreachable, check_reachable, ray_init_args, resolve_address
+
+TINY = ["clients.num=3", "rounds=1", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=",
+        "model.hidden_size=32", "model.intermediate_size=64", "model.fusion_dim=16", "train.local_steps=3",
+        "train.batch_size=8"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_local_simulation_starts_its_own_ray_instance():
+    assert ray_init_args("") == {"address": "local"}
+
+
+def test_a_dead_head_is_named_within_the_timeout():
+    address = f"127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(RayClusterUnreachable, match=f"the Ray head at {address} .* did not answer"):
+        check_reachable(address, timeout_s=5)
+    assert time.monotonic() - start < 6
+
+
+def test_auto_reads_the_cluster_file_and_names_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    file = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr(ray_cluster, "_cluster_file", lambda: file)
+    with pytest.raises(RayClusterUnreachable, match="no Ray cluster runs on this machine"):
+        resolve_address("auto")
+    file.write_text(f"127.0.0.1:{_closed_port()}\n")
+    assert resolve_address("auto") == (file.read_text().strip(), str(file))
+    with pytest.raises(RayClusterUnreachable, match=str(file)):
+        ray_init_args("auto")
+    with pytest.raises(RayClusterUnreachable, match="is not host:port"):
+        check_reachable("nonsense")
+
+
+def test_simulate_with_a_dead_cluster_exits_2_naming_the_address(tmp_path, capsys):
+    address = f"127.0.0.1:{_closed_port()}"
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--ray-address", address, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert address in err and "--ray-address" in err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_stale_cluster_file_neither_hangs_nor_is_joined(tmp_path):
+    """What a Ray head that died leaves behind: the machine's cluster file naming a dead address."""
+    file = ray_cluster._cluster_file()
+    saved = file.read_text() if file.is_file() else None
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(f"127.0.0.1:{_closed_port()}")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(tmp_path / "run"), *TINY],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        if saved is None:
+            file.unlink(missing_ok=True)
+        else:
+            file.write_text(saved)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
