@@ -29,7 +29,7 @@ from benchmarks.timing import best_of  # noqa: E402
 from fedmm import protocol  # noqa: E402
 from strategies.component_fedavg import aggregate_replies  # noqa: E402
 
-# On the wire each component is one flat float32 vector (see fedmm.components); a client holding an
+# On the wire each component is one flat float32 vector (see fedmm.core.components); a client holding an
 # encoder and the fusion block sends two. Split of P: 60% encoder, 40% fusion.
 COMPONENT_SPLIT = {"encoder.image": 0.6, "fusion.shared": 0.4}
 

@@ -32,9 +32,9 @@ PARTITION = 2
 COLD = r"""
 import json, sys, time
 start = time.perf_counter()
-from fedmm import client
-from fedmm.config import load_config
-from fedmm.model import initial_global_vectors
+from fedmm.training import client
+from fedmm.core.config import load_config
+from fedmm.models.model import initial_global_vectors
 imported = time.perf_counter()
 run = load_config(overrides=sys.argv[2:])
 me = client.identify(run, {"partition-id": int(sys.argv[1])})
@@ -53,7 +53,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file
 from client_apps.app import make_client_app
 from flwr.supercore.task_identity import TaskIdentity
-from fedmm import protocol
+from fedmm.core import protocol
 imported = time.perf_counter()
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # what a SuperNode's process has
 arrays, flat, socket, partition = load_file(sys.argv[1]), json.loads(open(sys.argv[2]).read()), sys.argv[3], int(sys.argv[4])
@@ -87,8 +87,8 @@ def main() -> None:
 
     from safetensors.numpy import save_file
 
-    from fedmm.config import load_config, to_flat
-    from fedmm.model import initial_global_vectors
+    from fedmm.core.config import load_config, to_flat
+    from fedmm.models.model import initial_global_vectors
 
     run = load_config(overrides=overrides)
     tmp = Path(tempfile.mkdtemp(prefix="fedmm-client-start-"))

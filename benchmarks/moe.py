@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.runs import simulate_cached  # noqa: E402
-from fedmm.config import load_config  # noqa: E402
-from fedmm.model import server_model  # noqa: E402
+from fedmm.core.config import load_config  # noqa: E402
+from fedmm.models.model import server_model  # noqa: E402
 
 VARIANTS = {
     "dense_lora": ["moe.fusion_ffn=lora"],

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.runs import simulate_cached  # noqa: E402
-from fedmm.attacks import ATTACKS  # noqa: E402
-from fedmm.config import DEFENSES  # noqa: E402
+from fedmm.robustness.attacks import ATTACKS  # noqa: E402
+from fedmm.core.config import DEFENSES  # noqa: E402
 
 ATTACK_NAMES = ("none", *ATTACKS)
 SETTING = ["clients.num=20", "data.dirichlet_alpha=0.5", "rounds=20", "data.examples_per_task=3000"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedmm.config import load_config, to_dict
+from fedmm.core.config import load_config, to_dict
 
 
 def simulate_cached(folder: Path, overrides: list[str]) -> dict:

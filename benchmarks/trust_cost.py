@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import best_of  # noqa: E402
-from fedmm.components import ComponentLayout  # noqa: E402
-from fedmm.trust import ComponentUpdates, Reputation, decide_round  # noqa: E402
+from fedmm.core.components import ComponentLayout  # noqa: E402
+from fedmm.robustness.trust import ComponentUpdates, Reputation, decide_round  # noqa: E402
 
 COMPONENT = "fusion.shared"
 

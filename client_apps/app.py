@@ -1,4 +1,4 @@
-"""The fedmm ClientApp: Flower message handling around `fedmm.client`.
+"""The fedmm ClientApp: Flower message handling around `fedmm.training.client`.
 
 `app` reads its config from the run config (`flwr run`); `fedmm simulate` builds one with
 `make_client_app(config)` because Flower's simulation API passes no run config. With node config
@@ -11,14 +11,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_apps.worker import forward_to_worker
-from fedmm import protocol
-from fedmm.config import RunConfig, config_from_flat
+from fedmm.core import protocol
+from fedmm.core.config import RunConfig, config_from_flat
 
 
 def _client():
-    """`fedmm.client` (torch, the model) is imported only where messages are answered, so a ClientApp
+    """`fedmm.training.client` (torch, the model) is imported only where messages are answered, so a ClientApp
     process that forwards to the node's model worker starts in well under a second."""
-    from fedmm import client
+    from fedmm.training import client
 
     return client
 

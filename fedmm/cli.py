@@ -9,15 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from fedmm.config import ConfigError, RunConfig, load_config
+from fedmm.core.config import ConfigError, RunConfig, load_config
 
 
 def simulate(run: RunConfig, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApps on Flower's Simulation Engine (Ray backend)."""
     from flwr.simulation import run_simulation
 
-    from fedmm.ray_cluster import ray_init_args
-    from fedmm.simulation_engine import use_single_pass_poller
+    from fedmm.engine.ray_cluster import ray_init_args
+    from fedmm.engine.simulation_engine import use_single_pass_poller
 
     use_single_pass_poller()  # Flower's own poller costs nodes x messages per sweep
     # The apps are looked up by module name so the core package does not depend on them.
@@ -32,7 +32,7 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fedmm.pretrain import load_pretrain_config, pretrain
+    from fedmm.models.pretrain import load_pretrain_config, pretrain
 
     try:
         card = pretrain(load_pretrain_config(args.config, args.overrides), args.out)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     pre = sub.add_parser("pretrain", help="build a foundation base: contrastive image-caption pretraining of the "
                          "ViT and BERT encoders on a generated corpus (resumes from DIR's checkpoint)")
     pre.add_argument("--out", required=True, help="output folder: image/ and text/ (Hugging Face), card.json")
-    pre.add_argument("--config", help="YAML file of pretraining keys (see fedmm.pretrain.PretrainConfig)")
+    pre.add_argument("--config", help="YAML file of pretraining keys (see fedmm.models.pretrain.PretrainConfig)")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("--config")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmm: config error: {err}", file=sys.stderr)
         return 2
     if args.command == "config":
-        from fedmm.config import to_yaml
+        from fedmm.core.config import to_yaml
 
         print(to_yaml(run), end="")
         return 0
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO)
-    from fedmm.ray_cluster import RayClusterUnreachable
+    from fedmm.engine.ray_cluster import RayClusterUnreachable
 
     try:
         simulate(run, args.ray_address)

@@ -2,7 +2,7 @@
 
 Model-poisoning attacks need what colluding attackers share (each other's updates) and what every
 client sees (consecutive global models), so in a simulation they are applied here, in one place,
-to the replies of the clients `fedmm.attacks.malicious_clients` names. Data poisoning happens on
+to the replies of the clients `fedmm.robustness.attacks.malicious_clients` names. Data poisoning happens on
 those clients themselves. The defence never learns who is malicious.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 
-from fedmm import protocol
-from fedmm.attacks import AttackContext, ModelAttack
-from fedmm.config import AttackConfig
+from fedmm.core import protocol
+from fedmm.robustness.attacks import AttackContext, ModelAttack
+from fedmm.core.config import AttackConfig
 
 
 def forge_replies(replies: list[Message], malicious_nodes: set[int], attack: ModelAttack, cfg: AttackConfig,

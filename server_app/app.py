@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmm.config import ConfigError, RunConfig, config_from_flat
+from fedmm.core.config import ConfigError, RunConfig, config_from_flat
 from server_app.runner import run_federation
 
 

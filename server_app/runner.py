@@ -19,13 +19,13 @@ from rich.console import Console
 from safetensors.numpy import load_file
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedmm import protocol
-from fedmm.attacks import malicious_clients, resolve_attack
-from fedmm.config import ConfigError, RunConfig
-from fedmm.components import flatten, is_expert, unflatten
-from fedmm.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
-from fedmm.protocol import ReplyLimits
-from fedmm.results import (
+from fedmm.core import protocol
+from fedmm.robustness.attacks import malicious_clients, resolve_attack
+from fedmm.core.config import ConfigError, RunConfig
+from fedmm.core.components import flatten, is_expert, unflatten
+from fedmm.models.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
+from fedmm.core.protocol import ReplyLimits
+from fedmm.core.results import (
     RunResults,
     checkpoint_path,
     detection_scores,

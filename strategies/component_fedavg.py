@@ -19,11 +19,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmm import protocol
-from fedmm.attacks import evaluation_views
-from fedmm.aggregation import ComponentInputs, aggregate_component
-from fedmm.components import ComponentLayout, flat_layouts, is_expert
-from fedmm.protocol import ClientUpdate, ReplyError, ReplyLimits
+from fedmm.core import protocol
+from fedmm.robustness.attacks import evaluation_views
+from fedmm.core.aggregation import ComponentInputs, aggregate_component
+from fedmm.core.components import ComponentLayout, flat_layouts, is_expert
+from fedmm.core.protocol import ClientUpdate, ReplyError, ReplyLimits
 from strategies.evaluation import EvaluationResult, pool_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
 

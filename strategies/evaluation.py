@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from flwr.app import Message, MetricRecord
 
-from fedmm import protocol
+from fedmm.core import protocol
 
 _MAX_COUNT = 10**9  # far above any client's test split; a larger claim would swamp the pooled accuracy
 

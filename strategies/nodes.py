@@ -17,10 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedmm import protocol
-from fedmm.client import assigned_profile
-from fedmm.config import RunConfig
-from fedmm.model import client_components
+from fedmm.core import protocol
+from fedmm.training.client import assigned_profile
+from fedmm.core.config import RunConfig
+from fedmm.models.model import client_components
 
 
 # Messages in flight at once. Flower checks every pending message id each time it polls for replies,

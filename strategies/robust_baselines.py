@@ -17,9 +17,9 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-from fedmm import protocol
-from fedmm.config import DefenseConfig
-from fedmm.protocol import ClientUpdate
+from fedmm.core import protocol
+from fedmm.core.config import DefenseConfig
+from fedmm.core.protocol import ClientUpdate
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
 from strategies.nodes import NodeRegistry
 
@@ -170,7 +170,7 @@ class FLTrustStrategy(RobustComponentStrategy):
 def robust_strategy(defense: DefenseConfig, registry: NodeRegistry, seed: int, **kwargs) -> RobustComponentStrategy:
     """The baseline `defense.name` names, per component."""
     if defense.name == "fltrust":
-        from fedmm.root_update import root_update
+        from fedmm.robustness.root_update import root_update
 
         run = registry.run
         return FLTrustStrategy(registry, lambda vectors, r: root_update(run, vectors, r), **kwargs)

@@ -1,7 +1,7 @@
 """TrustScoring: two-stage robust aggregation with reputation, wrapped around any Flower strategy.
 
 Before the inner strategy aggregates, every training reply is validated and every update scored
-(`fedmm.trust`): stage 1 ranks clients by a multi-indicator trust score into trusted / suspicious /
+(`fedmm.robustness.trust`): stage 1 ranks clients by a multi-indicator trust score into trusted / suspicious /
 rejected, stage 2 inspects the suspicious ones layer by layer against the trusted ones, and a
 reputation kept per client id (its partition id, stable across rounds and restarts) drops clients
 that keep failing. The inner strategy then aggregates only the replies that count.
@@ -20,11 +20,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmm import protocol
-from fedmm.components import ComponentLayout
-from fedmm.config import DefenseConfig
-from fedmm.protocol import ClientUpdate, ReplyLimits
-from fedmm.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
+from fedmm.core import protocol
+from fedmm.core.components import ComponentLayout
+from fedmm.core.config import DefenseConfig
+from fedmm.core.protocol import ClientUpdate, ReplyLimits
+from fedmm.robustness.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
 

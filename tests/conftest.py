@@ -5,7 +5,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedmm.config import RunConfig, load_config  # noqa: E402
+from fedmm.core.config import RunConfig, load_config  # noqa: E402
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def with_nan(reply: Message) -> Message:
     """A train reply whose first array starts with NaN."""
     from flwr.app import Array
 
-    from fedmm import protocol
+    from fedmm.core import protocol
 
     record = reply.content[protocol.ARRAYS]
     key = next(iter(record.keys()))

@@ -6,8 +6,10 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from local_grid import as_reply
 
-from fedmm import attacks, protocol
-from fedmm.config import AttackConfig
+from fedmm.robustness import attacks
+
+from fedmm.core import protocol
+from fedmm.core.config import AttackConfig
 from server_app.adversary import forge_replies
 
 

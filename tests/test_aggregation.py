@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from fedmm.aggregation import ComponentInputs, aggregate_component, stack_component
-from fedmm.components import component_layouts
-from fedmm.protocol import ClientUpdate
+from fedmm.core.aggregation import ComponentInputs, aggregate_component, stack_component
+from fedmm.core.components import component_layouts
+from fedmm.core.protocol import ClientUpdate
 from strategies.component_fedavg import aggregate_updates
 
 SHAPES = {
@@ -43,7 +43,7 @@ def _prefixes(components):
 
 def naive_reference(updates, shapes):
     """Per parameter, a weighted mean over the clients holding that parameter's component."""
-    from fedmm.components import component_of
+    from fedmm.core.components import component_of
 
     out = {}
     for key in shapes:

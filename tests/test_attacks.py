@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fedmm import attacks
-from fedmm.attacks import AttackContext
-from fedmm.config import AttackConfig, ConfigError, load_config
+from fedmm.robustness import attacks
+from fedmm.robustness.attacks import AttackContext
+from fedmm.core.config import AttackConfig, ConfigError, load_config
 
 
 def ctx(benign=None, sampled=10, **cfg):

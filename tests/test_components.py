@@ -1,12 +1,12 @@
 import pytest
 
-from fedmm.components import (
+from fedmm.core.components import (
     FUSION,
     UnknownParameterError,
     component_of,
     group_by_component,
 )
-from fedmm.model import server_model, client_components, module_bank, trainable_state
+from fedmm.models.model import server_model, client_components, module_bank, trainable_state
 
 
 @pytest.mark.parametrize(

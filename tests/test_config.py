@@ -1,6 +1,6 @@
 import pytest
 
-from fedmm.config import DEFAULT_PROFILES, ConfigError, config_from_flat, load_config, to_flat
+from fedmm.core.config import DEFAULT_PROFILES, ConfigError, config_from_flat, load_config, to_flat
 
 
 def test_defaults_are_valid_and_use_the_default_profiles():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from fedmm.client import task_holders
-from fedmm.data import (
+from fedmm.training.client import task_holders
+from fedmm.data.scenes import (
     COLORS,
     SHAPES,
     _COLOR_WORDS,
@@ -13,7 +13,7 @@ from fedmm.data import (
     map_hf_columns,
     synthetic_vocabulary,
 )
-from fedmm.encoders import HashingTokenizer
+from fedmm.models.encoders import HashingTokenizer
 
 
 def test_synthetic_tasks_have_the_declared_label_ranges_and_are_deterministic():
@@ -147,7 +147,7 @@ def test_a_saved_hf_dataset_feeds_a_federation(tmp_path):
     from datasets import DatasetDict
     from local_grid import LocalGrid
 
-    from fedmm.config import load_config
+    from fedmm.core.config import load_config
 
     rng = np.random.default_rng(0)
     n = 240
@@ -176,9 +176,9 @@ def test_a_saved_hf_dataset_feeds_a_federation(tmp_path):
 
 
 def test_a_node_can_train_on_its_own_data_from_a_local_path(tmp_path):
-    from fedmm import client
-    from fedmm.config import load_config
-    from fedmm.data import make_synthetic_task
+    from fedmm.training import client
+    from fedmm.core.config import load_config
+    from fedmm.data.scenes import make_synthetic_task
 
     make_synthetic_task("txt_color", 60, seed=5).save_to_disk(str(tmp_path / "txt_color"))
     run = load_config(overrides=["clients.num=3", "data.examples_per_task=300", "train.local_steps=3",
@@ -196,14 +196,14 @@ def test_a_node_can_train_on_its_own_data_from_a_local_path(tmp_path):
 def test_a_bad_local_data_path_names_the_node_config_key(tmp_path):
     import pytest
 
-    from fedmm import client
-    from fedmm.config import load_config
+    from fedmm.training import client
+    from fedmm.core.config import load_config
 
     run = load_config(overrides=["clients.num=3", "data.examples_per_task=300"])
     me = client.identify(run, {"partition-id": 0, "data-path": str(tmp_path / "nowhere")})
     with pytest.raises(ValueError, match="data-path"):
         client.client_data(run, me, "train")
-    from fedmm.data import make_synthetic_task
+    from fedmm.data.scenes import make_synthetic_task
 
     make_synthetic_task("txt_color", 30, seed=1).select_columns(["label"]).save_to_disk(str(tmp_path / "t" / "txt_color"))
     me = client.identify(run, {"partition-id": 1, "data-path": str(tmp_path / "t")})

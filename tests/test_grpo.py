@@ -1,10 +1,10 @@
 import torch
 
-from fedmm.client import client_data, identify
-from fedmm.config import load_config
-from fedmm.grpo import group_advantages, grpo_loss
-from fedmm.model import module_bank
-from fedmm.moe import RoutedExperts, routed_layers
+from fedmm.training.client import client_data, identify
+from fedmm.core.config import load_config
+from fedmm.models.grpo import group_advantages, grpo_loss
+from fedmm.models.model import module_bank
+from fedmm.models.moe import RoutedExperts, routed_layers
 
 
 def test_advantages_are_relative_to_each_examples_group():

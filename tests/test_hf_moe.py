@@ -11,12 +11,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MixtralConfig, MixtralModel, PreTrainedTokenizerFast
 
 from client_apps.app import make_client_app
-from fedmm import client
-from fedmm.components import expert_component, is_expert
-from fedmm.config import load_config
-from fedmm.data import synthetic_vocabulary
-from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
-from fedmm.moe import routed_tokens
+from fedmm.training import client
+from fedmm.core.components import expert_component, is_expert
+from fedmm.core.config import load_config
+from fedmm.data.scenes import synthetic_vocabulary
+from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.models.moe import routed_tokens
 from local_grid import LocalGrid
 from server_app.runner import run_federation
 

@@ -8,9 +8,9 @@ from local_grid import LocalGrid
 from safetensors.numpy import load_file
 
 from client_apps.app import make_client_app
-from fedmm.config import load_config
-from fedmm.encoders import add_lora, encoder_source, load_base_encoder
-from fedmm.model import (
+from fedmm.core.config import load_config
+from fedmm.models.encoders import add_lora, encoder_source, load_base_encoder
+from fedmm.models.model import (
     ModuleBank,
     StateKeyError,
     server_model,

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedmm.components import component_of, expert_component, is_expert, router_component
-from fedmm.config import load_config
-from fedmm.model import client_components, module_bank, trainable_layouts
-from fedmm.moe import (
+from fedmm.core.components import component_of, expert_component, is_expert, router_component
+from fedmm.core.config import load_config
+from fedmm.models.model import client_components, module_bank, trainable_layouts
+from fedmm.models.moe import (
     RoutedExperts,
     auxiliary_loss,
     load_balance_loss,

@@ -11,11 +11,11 @@ import torch
 from local_grid import LocalGrid
 
 from client_apps.app import make_client_app
-from fedmm import client
-from fedmm.config import ConfigError, load_config
-from fedmm.model import client_components, component_vectors, module_bank
-from fedmm.personalization import kd_loss, parse_margins, replace_paths, tasks_to_replace
-from fedmm.state_store import ClientStateStore
+from fedmm.training import client
+from fedmm.core.config import ConfigError, load_config
+from fedmm.models.model import client_components, component_vectors, module_bank
+from fedmm.personalization.tap import kd_loss, parse_margins, replace_paths, tasks_to_replace
+from fedmm.core.state_store import ClientStateStore
 from server_app.runner import run_federation
 
 FAST = ["clients.num=3", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
@@ -81,7 +81,7 @@ def test_personal_state_survives_a_process_restart(tmp_path):
     store = ClientStateStore(tmp_path, "client-3")
     store.save_tensors("personal", {"head.vqa": np.arange(4, dtype=np.float32)})
     store.save_meta({"personal_loss": {"vqa": 0.7}, "participations": 2})
-    code = ("import json,sys; from fedmm.state_store import ClientStateStore as S; s=S(sys.argv[1],'client-3');"
+    code = ("import json,sys; from fedmm.core.state_store import ClientStateStore as S; s=S(sys.argv[1],'client-3');"
             "print(json.dumps([s.load_tensors('personal')['head.vqa'].tolist(), s.load_meta()]))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     tensors, meta = json.loads(out.stdout)
@@ -137,7 +137,7 @@ def test_every_method_reports_global_and_personal_accuracy(tmp_path, method):
 
 
 def test_a_fresh_run_starts_without_an_earlier_runs_personal_models(tmp_path):
-    from fedmm.results import RunResults
+    from fedmm.core.results import RunResults
 
     run = load_config(overrides=[*FAST, "personal.method=tap", f"out={tmp_path}"])
     me = client.identify(run, {"partition-id": 0})

@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-import fedmm.pretrain as pretraining
+import fedmm.models.pretrain as pretraining
 from fedmm.cli import main
-from fedmm.config import ConfigError, load_config
-from fedmm.corpus import HELD_OUT, TRAIN, make_corpus
-from fedmm.data import _COLOR_WORDS, POSITIONS, SHAPES, synthetic_vocabulary
-from fedmm.encoders import SHIPPED_BASES_DIR, encoder_source, load_base_encoder, shipped_bases
-from fedmm.model import module_bank
-from fedmm.pretrain import card_files, clip_loss, load_pretrain_config, pretrain
+from fedmm.core.config import ConfigError, load_config
+from fedmm.data.corpus import HELD_OUT, TRAIN, make_corpus
+from fedmm.data.scenes import _COLOR_WORDS, POSITIONS, SHAPES, synthetic_vocabulary
+from fedmm.models.encoders import SHIPPED_BASES_DIR, encoder_source, load_base_encoder, shipped_bases
+from fedmm.models.model import module_bank
+from fedmm.models.pretrain import card_files, clip_loss, load_pretrain_config, pretrain
 
 # A schedule that runs in seconds: small encoders, small corpus.
 TINY = ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2", "batch_size=32",

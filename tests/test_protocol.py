@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedmm import protocol
-from fedmm.protocol import ReplyError, ReplyLimits, decode_array, validate_train_reply
+from fedmm.core import protocol
+from fedmm.core.protocol import ReplyError, ReplyLimits, decode_array, validate_train_reply
 
 SHAPES = {"encoders.image.proj.weight": (4, 3), "fusion.norm.bias": (3,)}
 COMPONENTS = ["encoder.image", "fusion.shared"]

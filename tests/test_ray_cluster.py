@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import fedmm.ray_cluster as ray_cluster
+import fedmm.engine.ray_cluster as ray_cluster
 from fedmm.cli import main
-from fedmm.ray_cluster import RayClusterUnreachable, check_reachable, ray_init_args, resolve_address
+from fedmm.engine.ray_cluster import RayClusterUnreachable, check_reachable, ray_init_args, resolve_address
 
 TINY = ["clients.num=3", "rounds=1", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=",
         "model.hidden_size=32", "model.intermediate_size=64", "model.fusion_dim=16", "train.local_steps=3",

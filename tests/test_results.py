@@ -1,6 +1,6 @@
 import numpy as np
 
-from fedmm.results import expert_utilisation
+from fedmm.core.results import expert_utilisation
 
 
 def test_expert_utilisation_is_each_experts_share_of_its_modalitys_tokens_per_layer():
@@ -23,8 +23,8 @@ def test_no_experts_no_utilisation():
 def _started_folder(tmp_path, rounds_with_checkpoint, rounds_logged):
     import json
 
-    from fedmm.config import load_config
-    from fedmm.results import RunResults, checkpoint_path, save_checkpoint
+    from fedmm.core.config import load_config
+    from fedmm.core.results import RunResults, checkpoint_path, save_checkpoint
 
     run = load_config(overrides=[f"out={tmp_path}"])
     results = RunResults(tmp_path, run)
@@ -38,7 +38,7 @@ def _started_folder(tmp_path, rounds_with_checkpoint, rounds_logged):
 
 
 def test_resume_keeps_the_rounds_with_both_a_record_and_a_checkpoint(tmp_path):
-    from fedmm.results import RunResults
+    from fedmm.core.results import RunResults
 
     run = _started_folder(tmp_path, rounds_with_checkpoint=[0, 1, 2, 3], rounds_logged=[0, 1, 2])
     results = RunResults(tmp_path, run)
@@ -51,8 +51,8 @@ def test_resume_keeps_the_rounds_with_both_a_record_and_a_checkpoint(tmp_path):
 def test_resume_without_a_finished_round_or_a_run_is_a_clear_error(tmp_path):
     import pytest
 
-    from fedmm.config import ConfigError, load_config
-    from fedmm.results import RunResults
+    from fedmm.core.config import ConfigError, load_config
+    from fedmm.core.results import RunResults
 
     run = _started_folder(tmp_path / "a", rounds_with_checkpoint=[], rounds_logged=[0])
     with pytest.raises(ConfigError, match="no round completed"):

@@ -9,12 +9,12 @@ from flwr.serverapp.strategy import FedAvg
 from local_grid import LocalGrid, as_reply, with_nan as _nan
 from safetensors.numpy import load_file
 
-import fedmm.components
-import fedmm.model
+import fedmm.core.components
+import fedmm.models.model
 import server_app.runner
 from client_apps.app import make_client_app
-from fedmm import protocol
-from fedmm.config import ConfigError, load_config
+from fedmm.core import protocol
+from fedmm.core.config import ConfigError, load_config
 from server_app.runner import build_strategy, run_federation
 from strategies import ComponentFedAvg, NodeRegistry
 
@@ -98,13 +98,13 @@ def test_clients_receive_only_their_components(tmp_path):
 
 def test_the_base_model_loads_once_per_process(tmp_path, monkeypatch):
     calls = []
-    real = fedmm.model.load_base_encoder
+    real = fedmm.models.model.load_base_encoder
 
     def counting(modality, cfg, seed):
         calls.append(modality)
         return real(modality, cfg, seed)
 
-    monkeypatch.setattr(fedmm.model, "load_base_encoder", counting)
+    monkeypatch.setattr(fedmm.models.model, "load_base_encoder", counting)
     run = fast_run(tmp_path, "seed=11", "rounds=3")  # a seed no other test used: a fresh bank
     run_federation(LocalGrid(make_client_app(run), 3), run)
     # Server and clients share this process here: 3 rounds x 3 clients x (train + evaluate) messages.
@@ -259,7 +259,7 @@ def test_a_rerun_into_the_same_folder_never_keeps_old_results(tmp_path):
         run_federation(LocalGrid(make_client_app(bad), 3), bad)
     assert (tmp_path / "out" / "summary.json").exists()  # refused before touching the folder
     again = fast_run(tmp_path, "rounds=1", "seed=5")
-    from fedmm.results import RunResults
+    from fedmm.core.results import RunResults
 
     RunResults(again.out, again)
     assert not (tmp_path / "out" / "summary.json").exists()
@@ -322,10 +322,10 @@ def test_a_client_sends_only_the_experts_it_routed_tokens_to(tmp_path, monkeypat
 
     def router_never_picks_expert_3(run):
         vectors = real(run)
-        layout = fedmm.model.trainable_layouts(fedmm.model.server_model(run))["fusion.router.0"]
-        router = fedmm.components.unflatten(layout, vectors["fusion.router.0"].copy())
+        layout = fedmm.models.model.trainable_layouts(fedmm.models.model.server_model(run))["fusion.router.0"]
+        router = fedmm.core.components.unflatten(layout, vectors["fusion.router.0"].copy())
         next(v for k, v in router.items() if k.endswith("modality_bias"))[:, 3] = -1e4
-        vectors["fusion.router.0"] = fedmm.components.flatten(layout, router)
+        vectors["fusion.router.0"] = fedmm.core.components.flatten(layout, router)
         return vectors
 
     monkeypatch.setattr(server_app.runner, "initial_global_vectors", router_never_picks_expert_3)

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from flwr.server.superlink.fleet.vce import vce_api
-from fedmm import simulation_engine
+from fedmm.engine import simulation_engine
 
 sweeps = []
 take = simulation_engine.take_pending

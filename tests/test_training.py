@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmm import client
-from fedmm.model import client_components, component_vectors, module_bank, trainable_state
-from fedmm.training import evaluate, lr_at, resolve_device, train_local
+from fedmm.training import client
+from fedmm.models.model import client_components, component_vectors, module_bank, trainable_state
+from fedmm.training.local import evaluate, lr_at, resolve_device, train_local
 
 
 def test_cosine_schedule_decays_from_lr_to_its_floor(small_run):
@@ -34,7 +34,7 @@ def test_local_training_lowers_the_loss_and_is_deterministic(small_run):
     mean_loss = lambda s: sum(v.loss_sum for v in s.values()) / sum(v.count for v in s.values())  # noqa: E731
     assert mean_loss(after) < mean_loss(before) - 0.1
     first = trainable_state(model, components)
-    from fedmm.model import load_trainable
+    from fedmm.models.model import load_trainable
 
     load_trainable(model, start, components)
     train_local(model, data, small_run.train, small_run.train.lr, seed=1, device=torch.device("cpu"))
@@ -76,8 +76,8 @@ def test_auto_device_is_cpu_without_a_gpu():
 
 
 def test_the_step_schedule_shares_steps_by_data_and_trains_every_task():
-    from fedmm.config import TrainConfig
-    from fedmm.training import _schedule
+    from fedmm.core.config import TrainConfig
+    from fedmm.training.local import _schedule
 
     generator = torch.Generator().manual_seed(0)
     schedule = _schedule({"a": 900, "b": 90, "c": 10}, TrainConfig(local_steps=30), generator)

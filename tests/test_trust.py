@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedmm import trust
-from fedmm.components import ComponentLayout
+from fedmm.robustness import trust
+from fedmm.core.components import ComponentLayout
 
 RNG = np.random.default_rng(0)
 

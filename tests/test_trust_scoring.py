@@ -8,8 +8,8 @@ from flwr.app import Array, Message
 from local_grid import LocalGrid, with_nan
 
 from client_apps.app import make_client_app
-from fedmm import protocol
-from fedmm.config import load_config
+from fedmm.core import protocol
+from fedmm.core.config import load_config
 from server_app.runner import build_strategy, run_federation
 from strategies import NodeRegistry
 from strategies.trust_scoring import TrustScoring

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from client_apps.app import make_client_app
 from client_apps.worker import WORKER_KEY, WorkerUnavailable, request
-from fedmm.config import load_config, to_flat
+from fedmm.core.config import load_config, to_flat
 from server_app.runner import run_federation
 
 FAST = ["clients.num=3", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",

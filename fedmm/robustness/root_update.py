@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import numpy as np
 
-from fedmm.config import RunConfig
-from fedmm.data import make_synthetic_task, task_dataset
-from fedmm.model import client_components, component_vectors, load_component_vectors, module_bank
-from fedmm.training import TaskTensors, encode_split, lr_at, resolve_device, train_local
+from fedmm.core.config import RunConfig
+from fedmm.data.scenes import make_synthetic_task, task_dataset
+from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.training.local import TaskTensors, encode_split, lr_at, resolve_device, train_local
 
 _ROOT_SEED_OFFSET = 1_000_003
 _ROOT: dict[tuple, dict[str, TaskTensors]] = {}

@@ -1,6 +1,6 @@
 """The multi-modal, multi-task model: LoRA-adapted encoders, a fusion block and one head per task.
 
-Parameter names follow `fedmm.components`: `encoders.<modality>.…`, `fusion.…`, `heads.<task>.…`.
+Parameter names follow `fedmm.core.components`: `encoders.<modality>.…`, `fusion.…`, `heads.<task>.…`.
 A process keeps one :class:`ModuleBank` per run config, so the base encoders load once and every
 virtual client served by the process reuses them; a client's model is a view over the modules of its
 own modalities and tasks.
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.components import component_layouts, component_of, component_order, flatten, unflatten
-from fedmm.config import MoEConfig, RunConfig
-from fedmm.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
-from fedmm.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
-from fedmm.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
+from fedmm.core.components import component_layouts, component_of, component_order, flatten, unflatten
+from fedmm.core.config import MoEConfig, RunConfig
+from fedmm.models.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
+from fedmm.models.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
+from fedmm.core.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
 
 
 class ModalityEncoder(nn.Module):
@@ -50,7 +50,7 @@ class ModalityEncoder(nn.Module):
 
 class AdaptedFusionLayer(nn.TransformerEncoderLayer):
     """A pre-norm encoder layer whose feed-forward maps are frozen and adapted by `adapter`
-    (fedmm.moe.DenseLoRA or RoutedExperts), which also sees each token's modality and padding."""
+    (fedmm.models.moe.DenseLoRA or RoutedExperts), which also sees each token's modality and padding."""
 
     def __init__(self, dim: int, heads: int, adapter_factory) -> None:
         # The base layer is built first, so its weights are those `fusion_ffn=full` starts from.
@@ -241,7 +241,7 @@ def _trainable(model: nn.Module, components: list[str] | None = None) -> dict[st
     """Trainable tensors of `components` (or all), by name: the one filter every helper here uses.
 
     A packed per-expert LoRA factor of a Hugging Face MoE backbone appears as one view per expert
-    (fedmm.moe.expert_views), so each expert belongs to its own component.
+    (fedmm.models.moe.expert_views), so each expert belongs to its own component.
     """
     wanted = None if components is None else set(components)
     packed = packed_expert_lora(model)

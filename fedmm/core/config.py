@@ -131,7 +131,7 @@ class PersonalConfig:
 
 @dataclass
 class AttackConfig:
-    # none, a built-in attack (see fedmm.attacks.ATTACKS), or `module:function` for your own model attack.
+    # none, a built-in attack (see fedmm.robustness.attacks.ATTACKS), or `module:function` for your own model attack.
     name: str = "none"
     fraction: float = 0.0  # share of clients that are malicious (chosen by seed; the defence never sees it)
     data: str = "auto"  # data poisoning of malicious clients: auto (what the attack uses) | none | backdoor | label_flip
@@ -459,8 +459,8 @@ def validate(run: RunConfig) -> None:
     if 0 < run.train.local_steps < most_tasks:
         raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
                           "holds) so every task trains each round")
-    # Task names are checked against the data source in fedmm.tasks (it knows which exist).
-    from fedmm.tasks import task_specs
+    # Task names are checked against the data source in fedmm.core.tasks (it knows which exist).
+    from fedmm.core.tasks import task_specs
 
     known = task_specs(run)
     if run.data.examples_per_client:
@@ -477,7 +477,7 @@ def validate(run: RunConfig) -> None:
             if holders and run.data.examples_per_task < 20 * holders:
                 raise ConfigError(f"config key 'data.examples_per_task'={run.data.examples_per_task} is too small: "
                                   f"{holders} clients hold {task!r}; give each at least 20 examples")
-    from fedmm.personalization import parse_margins
+    from fedmm.personalization.tap import parse_margins
 
     try:
         parse_margins(p.task_margins, sorted(known), p.margin)
@@ -528,8 +528,8 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
         _positive(f"defense.{key}", getattr(d, key), allow_zero=True)
     _positive("defense.max_relative_norm", d.max_relative_norm)
     _positive("defense.root_examples", d.root_examples)
-    from fedmm.attacks import resolve_attack
-    from fedmm.tasks import task_specs
+    from fedmm.robustness.attacks import resolve_attack
+    from fedmm.core.tasks import task_specs
 
     attack = resolve_attack(a)
     if attack is not None and attack.data == "backdoor":

@@ -21,7 +21,7 @@ import numpy as np
 from datasets import Dataset
 from scipy.stats import norm as normal_dist
 
-from fedmm.config import AttackConfig, ConfigError, RunConfig
+from fedmm.core.config import AttackConfig, ConfigError, RunConfig
 
 
 @dataclass
@@ -162,7 +162,7 @@ def measures_backdoor(cfg: AttackConfig) -> bool:
 
 
 def evaluation_views(cfg: AttackConfig) -> tuple[str, ...]:
-    """The score views every evaluate reply carries (see fedmm.protocol.VIEW_PREFIXES)."""
+    """The score views every evaluate reply carries (see fedmm.core.protocol.VIEW_PREFIXES)."""
     return ("global", "personal", "backdoor") if measures_backdoor(cfg) else ("global", "personal")
 
 

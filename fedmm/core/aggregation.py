@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg.blas import saxpy
 
-from fedmm.components import ComponentLayout, flatten, unflatten
+from fedmm.core.components import ComponentLayout, flatten, unflatten
 
 
 def stack_component(layout: ComponentLayout, client_arrays: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

@@ -16,7 +16,7 @@ Two auxiliary losses shape the router during training:
 With a sampler set (`sampled_routing`), tokens instead go to k experts sampled from the router's
 distribution without replacement (Gumbel top-k), and the layer records each example's log-probability
 of its sampled routing (Plackett-Luce) and its KL to the reference router: the terms of
-`fedmm.grpo`'s policy loss.
+`fedmm.models.grpo`'s policy loss.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmm.components import component_of, expert_component, layer_index
-from fedmm.tasks import MODALITIES
+from fedmm.core.components import component_of, expert_component, layer_index
+from fedmm.core.tasks import MODALITIES
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedmm.components import ComponentLayout
+from fedmm.core.components import ComponentLayout
 
 _EPS = 1e-12
 TOP_SHARE = 0.01  # spikiness: energy share of the top 1% coordinates (the reference's choice)

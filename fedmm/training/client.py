@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmm import protocol
-from fedmm.attacks import (
+from fedmm.core import protocol
+from fedmm.robustness.attacks import (
     columns_of,
     malicious_clients,
     measures_backdoor,
@@ -25,19 +25,19 @@ from fedmm.attacks import (
     resolve_attack,
     triggered_test_split,
 )
-from fedmm.components import is_expert
-from fedmm.config import RunConfig, TrainConfig
-from fedmm.data import client_task_splits, generated_client_splits, local_task_splits
-from fedmm.model import (
+from fedmm.core.components import is_expert
+from fedmm.core.config import RunConfig, TrainConfig
+from fedmm.data.scenes import client_task_splits, generated_client_splits, local_task_splits
+from fedmm.models.model import (
     client_components,
     component_vectors,
     load_component_vectors,
     module_bank,
 )
-from fedmm.moe import mean_routing_entropy, routed_tokens
-from fedmm.personalization import parse_margins, replace_paths, tasks_to_replace
-from fedmm.state_store import DEFAULT_FOLDER, ClientStateStore
-from fedmm.training import (
+from fedmm.models.moe import mean_routing_entropy, routed_tokens
+from fedmm.personalization.tap import parse_margins, replace_paths, tasks_to_replace
+from fedmm.core.state_store import DEFAULT_FOLDER, ClientStateStore
+from fedmm.training.local import (
     Distillation,
     TaskScore,
     TaskTensors,

@@ -6,7 +6,7 @@ of each example's prediction under it. Advantages are relative to the group: eac
 minus the group mean over the sampled routings, divided by their standard deviation. The policy loss
 raises the log-probability of routings that beat their group, and a KL term keeps the router near the
 reference, the router this client received at the start of the round. Experts and attention do not
-learn from this loss: only the routers do (see fedmm.moe's sampled forward).
+learn from this loss: only the routers do (see fedmm.models.moe's sampled forward).
 
 This follows the abstract of MoE-GRPO (arXiv 2603.24984); its code is not public.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedmm.config import MoEConfig
-from fedmm.moe import sampled_routing
+from fedmm.core.config import MoEConfig
+from fedmm.models.moe import sampled_routing
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.config import MoEConfig, TrainConfig
-from fedmm.encoders import pixel_values
-from fedmm.grpo import grpo_loss
-from fedmm.model import MultiModalModel
-from fedmm.moe import auxiliary_loss, reset_routing_stats, routed_layers
-from fedmm.personalization import kd_loss
+from fedmm.core.config import MoEConfig, TrainConfig
+from fedmm.models.encoders import pixel_values
+from fedmm.models.grpo import grpo_loss
+from fedmm.models.model import MultiModalModel
+from fedmm.models.moe import auxiliary_loss, reset_routing_stats, routed_layers
+from fedmm.personalization.tap import kd_loss
 
 
 @dataclass
@@ -109,8 +109,8 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
                 grpo: MoEConfig | None = None) -> TrainResult:
     """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed.
 
-    With `distill`, the loss is fedmm.personalization.kd_loss against the teacher's logits. MoE layers
-    add their routing losses, and with `grpo` the routers also learn as a policy (fedmm.grpo). Routing
+    With `distill`, the loss is fedmm.personalization.tap.kd_loss against the teacher's logits. MoE layers
+    add their routing losses, and with `grpo` the routers also learn as a policy (fedmm.models.grpo). Routing
     counts restart here, so after the call they cover this training run only.
     """
     sizes = {t: len(d) for t, d in data.items() if len(d) > 0}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedmm.components import is_expert
+from fedmm.core.components import is_expert
 
 # Record keys (Flower's defaults where Flower has one, so Flower strategies read our replies).
 ARRAYS = "arrays"
@@ -160,10 +160,10 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     """Check a training reply against the component vectors the node was sent; raise ReplyError if unusable.
 
     `expected` maps each component the node holds to its shape. Every component must come back, except
-    experts (fedmm.components.is_expert): an expert comes back exactly when the reply reports tokens
+    experts (fedmm.core.components.is_expert): an expert comes back exactly when the reply reports tokens
     routed to it, and those token counts are its weight. `limits` bounds the counts where the server
     knows the bounds. Finiteness of the arrays is checked during aggregation, where it costs nothing
-    extra on the common path (see fedmm.aggregation).
+    extra on the common path (see fedmm.core.aggregation).
     """
     limits = limits or ReplyLimits()
     if message.has_error():

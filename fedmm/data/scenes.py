@@ -14,8 +14,8 @@ import numpy as np
 from datasets import Array3D, Dataset, Features, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from fedmm.config import DataConfig, RunConfig
-from fedmm.tasks import SYNTHETIC_TASKS
+from fedmm.core.config import DataConfig, RunConfig
+from fedmm.core.tasks import SYNTHETIC_TASKS
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow")

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import save_file
 
-from fedmm.components import component_order
-from fedmm.config import ConfigError, RunConfig, load_config, to_dict, to_flat, to_yaml
-from fedmm.state_store import DEFAULT_FOLDER
+from fedmm.core.components import component_order
+from fedmm.core.config import ConfigError, RunConfig, load_config, to_dict, to_flat, to_yaml
+from fedmm.core.state_store import DEFAULT_FOLDER
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -31,7 +31,7 @@ def tasks_to_replace(teacher_loss: Mapping[str, float], personal_loss: Mapping[s
 def replace_paths(personal: dict[str, np.ndarray], global_copy: Mapping[str, np.ndarray], tasks: list[str],
                   paths: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
     """The personal component vectors with every component on `tasks`' forward paths (`paths`: task ->
-    its components, fedmm.model.client_components of that task alone) replaced."""
+    its components, fedmm.models.model.client_components of that task alone) replaced."""
     out = dict(personal)
     for task in tasks:
         for component in paths[task]:

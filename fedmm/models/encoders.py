@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, ViTConfig, ViTModel
 
-from fedmm.config import ModelConfig
+from fedmm.core.config import ModelConfig
 
 HASH_VOCAB_SIZE = 8192
 _PAD, _CLS, _UNK = 0, 1, 2
@@ -69,7 +69,7 @@ def _shipped_bases_dir() -> Path:
     """The folder of the bases shipped with fedmm: next to this module, or else in another copy of the
     fedmm package on sys.path. A Flower App bundle (`flwr run`) carries no weight files, so the
     ServerApp and ClientApps it runs find them in the installed fedmm."""
-    here = Path(__file__).resolve().parent / "bases"
+    here = Path(__file__).resolve().parents[1] / "bases"
     for folder in (here, *(Path(entry) / "fedmm" / "bases" for entry in sys.path if entry)):
         if any(folder.glob("*/image/model.safetensors")):
             return folder

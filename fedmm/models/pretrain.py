@@ -3,7 +3,7 @@
 A ViT image encoder and a BERT text encoder (the architectures fedmm fine-tunes) are trained from
 scratch by contrastive image-caption pretraining (CLIP: symmetric InfoNCE over the batch with a
 learnable temperature), optionally with a masked-language-model term on the text side, on the
-generated corpus of `fedmm.corpus` (not the clients' data). The output folder holds standard Hugging
+generated corpus of `fedmm.data.corpus` (not the clients' data). The output folder holds standard Hugging
 Face folders that `model.image_encoder` / `model.text_encoder` load with `from_pretrained`:
 
     DIR/image/   config.json, model.safetensors, preprocessor_config.json
@@ -35,9 +35,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from transformers import BertModel, BertTokenizerFast, ViTModel
 
-from fedmm.config import ConfigError, ModelConfig
-from fedmm.corpus import HELD_OUT, TRAIN, Corpus, make_corpus
-from fedmm.encoders import pixel_values, small_encoder_config
+from fedmm.core.config import ConfigError, ModelConfig
+from fedmm.data.corpus import HELD_OUT, TRAIN, Corpus, make_corpus
+from fedmm.models.encoders import pixel_values, small_encoder_config
 
 CARD = "card.json"
 CHECKPOINT = "checkpoint"
@@ -402,7 +402,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> dic
     card = {
         "config": dataclasses.asdict(cfg),
         "corpus": {"train_pairs": cfg.corpus_pairs, "held_out_pairs": cfg.held_out_pairs,
-                   "stream": "fedmm.corpus.make_corpus (seed stream 0xBA5E, not the clients')"},
+                   "stream": "fedmm.data.corpus.make_corpus (seed stream 0xBA5E, not the clients')"},
         "steps": cfg.steps,
         "final_loss": float(np.mean(losses[-_loss_window(cfg):])),
         "first_loss": float(np.mean(losses[: _loss_window(cfg)])),

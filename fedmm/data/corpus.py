@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmm.data import _COLOR_WORDS, _RGB, COLORS, POSITIONS, SHAPES, shape_mask
+from fedmm.data.scenes import _COLOR_WORDS, _RGB, COLORS, POSITIONS, SHAPES, shape_mask
 
 # Seeds of the pretraining streams start with this word, so no client draw (seeded [seed, task, ...])
 # can coincide with them.

@@ -1,0 +1,1 @@
+"""Running the Simulation Engine: the Ray instance a simulation uses and the single-pass message poller."""

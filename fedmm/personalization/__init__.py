@@ -1,0 +1,1 @@
+"""Personal models: TAP's replacement rule and knowledge distillation."""

@@ -1,0 +1,1 @@
+"""Trust scoring maths, the attack suite and the server's clean root set."""

@@ -1,0 +1,1 @@
+"""Local training and the ClientApp's message handlers."""
