@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_apps.worker import forward_to_worker
+from client_apps.forwarding import forward_to_worker
 from fedmm.core import protocol
 from fedmm.core.config import RunConfig, config_from_flat
 

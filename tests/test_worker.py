@@ -15,7 +15,7 @@ from local_grid import LocalGrid
 from safetensors.numpy import load_file
 
 from client_apps.app import make_client_app
-from client_apps.worker import WORKER_KEY, WorkerUnavailable, request
+from client_apps.forwarding import WORKER_KEY, WorkerUnavailable, request
 from fedmm.core.config import load_config, to_flat
 from server_app.runner import run_federation
 
