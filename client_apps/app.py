@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from client_apps.forwarding import forward_to_worker
 from fedmm.core import protocol
-from fedmm.core.config import RunConfig, config_from_flat
+from fedmm.core.config import config_from_flat
+from fedmm.core.schema import RunConfig
 
 
 def _client():

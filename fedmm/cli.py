@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedmm.core.config import ConfigError, RunConfig, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import ConfigError, RunConfig
 
 
 def simulate(run: RunConfig, ray_address: str = "") -> None:

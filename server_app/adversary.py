@@ -17,7 +17,7 @@ from flwr.common.logger import log
 
 from fedmm.core import protocol
 from fedmm.robustness.attacks import AttackContext, ModelAttack
-from fedmm.core.config import AttackConfig
+from fedmm.core.schema import AttackConfig
 
 
 def forge_replies(replies: list[Message], malicious_nodes: set[int], attack: ModelAttack, cfg: AttackConfig,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmm.core.config import ConfigError, RunConfig, config_from_flat
+from fedmm.core.config import config_from_flat
+from fedmm.core.schema import ConfigError, RunConfig
 from server_app.runner import run_federation
 
 

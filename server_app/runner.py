@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmm.core import protocol
 from fedmm.robustness.attacks import malicious_clients, resolve_attack
-from fedmm.core.config import ConfigError, RunConfig
+from fedmm.core.schema import ConfigError, RunConfig
 from fedmm.core.components import flatten, is_expert, unflatten
 from fedmm.models.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
 from fedmm.core.protocol import ReplyLimits

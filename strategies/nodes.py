@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fedmm.core import protocol
 from fedmm.training.client import assigned_profile
-from fedmm.core.config import RunConfig
+from fedmm.core.schema import RunConfig
 from fedmm.models.model import client_components
 
 

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from fedmm.core import protocol
-from fedmm.core.config import DefenseConfig
+from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
 from strategies.nodes import NodeRegistry

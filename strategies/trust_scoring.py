@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmm.core import protocol
 from fedmm.core.components import ComponentLayout
-from fedmm.core.config import DefenseConfig
+from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate, ReplyLimits
 from fedmm.robustness.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies

@@ -5,7 +5,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedmm.core.config import RunConfig, load_config  # noqa: E402
+from fedmm.core.config import load_config
+from fedmm.core.schema import RunConfig
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from local_grid import as_reply
 from fedmm.robustness import attacks
 
 from fedmm.core import protocol
-from fedmm.core.config import AttackConfig
+from fedmm.core.schema import AttackConfig
 from server_app.adversary import forge_replies
 
 

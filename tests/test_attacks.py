@@ -5,7 +5,8 @@ import pytest
 
 from fedmm.robustness import attacks
 from fedmm.robustness.attacks import AttackContext
-from fedmm.core.config import AttackConfig, ConfigError, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import AttackConfig, ConfigError
 
 
 def ctx(benign=None, sampled=10, **cfg):

@@ -1,6 +1,7 @@
 import pytest
 
-from fedmm.core.config import DEFAULT_PROFILES, ConfigError, config_from_flat, load_config, to_flat
+from fedmm.core.config import config_from_flat, load_config, to_flat
+from fedmm.core.schema import DEFAULT_PROFILES, ConfigError
 
 
 def test_defaults_are_valid_and_use_the_default_profiles():

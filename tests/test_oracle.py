@@ -8,7 +8,8 @@ from safetensors.numpy import load_file
 
 from client_apps.app import make_client_app
 from fedmm.robustness.attacks import malicious_clients
-from fedmm.core.config import ConfigError, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import ConfigError
 from server_app.runner import run_federation
 
 FAST = ["clients.num=5", "data.examples_per_task=400", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",

@@ -12,7 +12,8 @@ from local_grid import LocalGrid
 
 from client_apps.app import make_client_app
 from fedmm.training import client
-from fedmm.core.config import ConfigError, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import ConfigError
 from fedmm.models.model import client_components, component_vectors, module_bank
 from fedmm.personalization.tap import kd_loss, parse_margins, replace_paths, tasks_to_replace
 from fedmm.core.state_store import ClientStateStore

@@ -10,7 +10,8 @@ from transformers import AutoModel, AutoTokenizer
 
 import fedmm.models.pretrain as pretraining
 from fedmm.cli import main
-from fedmm.core.config import ConfigError, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import ConfigError
 from fedmm.data.corpus import HELD_OUT, TRAIN, make_corpus
 from fedmm.data.scenes import _COLOR_WORDS, POSITIONS, SHAPES, synthetic_vocabulary
 from fedmm.models.encoders import SHIPPED_BASES_DIR, encoder_source, load_base_encoder, shipped_bases

@@ -51,7 +51,8 @@ def test_resume_keeps_the_rounds_with_both_a_record_and_a_checkpoint(tmp_path):
 def test_resume_without_a_finished_round_or_a_run_is_a_clear_error(tmp_path):
     import pytest
 
-    from fedmm.core.config import ConfigError, load_config
+    from fedmm.core.config import load_config
+    from fedmm.core.schema import ConfigError
     from fedmm.core.results import RunResults
 
     run = _started_folder(tmp_path / "a", rounds_with_checkpoint=[], rounds_logged=[0])

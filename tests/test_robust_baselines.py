@@ -6,7 +6,8 @@ from local_grid import LocalGrid
 from scipy.stats import trim_mean
 
 from client_apps.app import make_client_app
-from fedmm.core.config import DefenseConfig, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import DefenseConfig
 from server_app.runner import run_federation
 from strategies.robust_baselines import assumed_attackers, flame_rule, flower_rule, fltrust_weights
 
@@ -79,7 +80,7 @@ def test_every_baseline_runs_a_heterogeneous_federation(tmp_path, defense):
 
 
 def test_a_baseline_cannot_combine_with_a_plain_flower_strategy(tmp_path):
-    from fedmm.core.config import ConfigError
+    from fedmm.core.schema import ConfigError
     from server_app.runner import check_strategy
 
     run = load_config(overrides=[*FAST, "clients.profiles.all=img_shape", "defense.name=krum",

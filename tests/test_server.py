@@ -14,7 +14,8 @@ import fedmm.models.model
 import server_app.runner
 from client_apps.app import make_client_app
 from fedmm.core import protocol
-from fedmm.core.config import ConfigError, load_config
+from fedmm.core.config import load_config
+from fedmm.core.schema import ConfigError
 from server_app.runner import build_strategy, run_federation
 from strategies import ComponentFedAvg, NodeRegistry
 

@@ -76,7 +76,7 @@ def test_auto_device_is_cpu_without_a_gpu():
 
 
 def test_the_step_schedule_shares_steps_by_data_and_trains_every_task():
-    from fedmm.core.config import TrainConfig
+    from fedmm.core.schema import TrainConfig
     from fedmm.training.local import _schedule
 
     generator = torch.Generator().manual_seed(0)

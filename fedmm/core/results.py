@@ -14,7 +14,8 @@ from rich.table import Table
 from safetensors.numpy import save_file
 
 from fedmm.core.components import component_order
-from fedmm.core.config import ConfigError, RunConfig, load_config, to_dict, to_flat, to_yaml
+from fedmm.core.config import load_config, to_dict, to_flat, to_yaml
+from fedmm.core.schema import ConfigError, RunConfig
 from fedmm.core.state_store import DEFAULT_FOLDER
 
 CONFIG_FILE = "config.yaml"

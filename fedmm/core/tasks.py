@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedmm.core.config import RunConfig
+    from fedmm.core.schema import RunConfig
 
 MODALITIES = ("image", "text")
 

@@ -14,7 +14,7 @@ import numpy as np
 from datasets import Array3D, Dataset, Features, Value
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from fedmm.core.config import DataConfig, RunConfig
+from fedmm.core.schema import DataConfig, RunConfig
 from fedmm.core.tasks import SYNTHETIC_TASKS
 
 SHAPES = ("circle", "square", "triangle", "cross")

@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, ViTConfig, ViTModel
 
-from fedmm.core.config import ModelConfig
+from fedmm.core.schema import ModelConfig
 
 HASH_VOCAB_SIZE = 8192
 _PAD, _CLS, _UNK = 0, 1, 2

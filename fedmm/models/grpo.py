@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedmm.core.config import MoEConfig
+from fedmm.core.schema import MoEConfig
 from fedmm.models.moe import sampled_routing
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedmm.core.components import component_layouts, component_of, component_order, flatten, unflatten
-from fedmm.core.config import MoEConfig, RunConfig
+from fedmm.core.schema import MoEConfig, RunConfig
 from fedmm.models.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
 from fedmm.models.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
 from fedmm.core.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs

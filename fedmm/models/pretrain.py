@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from transformers import BertModel, BertTokenizerFast, ViTModel
 
-from fedmm.core.config import ConfigError, ModelConfig
+from fedmm.core.schema import ConfigError, ModelConfig
 from fedmm.data.corpus import HELD_OUT, TRAIN, Corpus, make_corpus
 from fedmm.models.encoders import pixel_values, small_encoder_config
 

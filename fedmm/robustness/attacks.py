@@ -21,7 +21,7 @@ import numpy as np
 from datasets import Dataset
 from scipy.stats import norm as normal_dist
 
-from fedmm.core.config import AttackConfig, ConfigError, RunConfig
+from fedmm.core.schema import AttackConfig, ConfigError, RunConfig
 
 
 @dataclass

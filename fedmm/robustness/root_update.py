@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from fedmm.core.config import RunConfig
+from fedmm.core.schema import RunConfig
 from fedmm.data.scenes import make_synthetic_task, task_dataset
 from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank
 from fedmm.training.local import TaskTensors, encode_split, lr_at, resolve_device, train_local

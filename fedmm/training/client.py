@@ -26,7 +26,7 @@ from fedmm.robustness.attacks import (
     triggered_test_split,
 )
 from fedmm.core.components import is_expert
-from fedmm.core.config import RunConfig, TrainConfig
+from fedmm.core.schema import RunConfig, TrainConfig
 from fedmm.data.scenes import client_task_splits, generated_client_splits, local_task_splits
 from fedmm.models.model import (
     client_components,

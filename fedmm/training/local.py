@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmm.core.config import MoEConfig, TrainConfig
+from fedmm.core.schema import MoEConfig, TrainConfig
 from fedmm.models.encoders import pixel_values
 from fedmm.models.grpo import grpo_loss
 from fedmm.models.model import MultiModalModel
