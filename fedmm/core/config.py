@@ -131,25 +131,36 @@ def _resolve(cfg: DictConfig) -> RunConfig:
     return run
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then a YAML file, then `key=value` overrides; validated."""
-    cfg = _schema()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
-        cfg = _merge(cfg, _nest(_flatten(loaded)))
-    flat: dict[str, Any] = {}
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping of keys (empty file: none); a missing file or a non-mapping is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    return loaded
+
+
+def split_overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """`key=value` overrides -> {key: raw value text}; anything else is an error."""
+    flat: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         flat[key.strip()] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then a YAML file, then `key=value` overrides; validated."""
+    cfg = _schema()
+    if path is not None:
+        cfg = _merge(cfg, _nest(_flatten(read_config_file(path))))
+    flat = split_overrides(overrides)
     if flat:
         cfg = _merge(cfg, _nest(flat))
     return _resolve(cfg)

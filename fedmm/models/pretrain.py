@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from transformers import BertModel, BertTokenizerFast, ViTModel
 
+from fedmm.core.config import read_config_file, split_overrides
 from fedmm.core.schema import ConfigError, ModelConfig
 from fedmm.data.corpus import HELD_OUT, TRAIN, Corpus, make_corpus
 from fedmm.models.encoders import pixel_values, small_encoder_config
@@ -79,19 +80,9 @@ class PretrainConfig:
 def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """Defaults, then a YAML file, then `key=value` overrides; validated, bad keys named."""
     cfg = OmegaConf.structured(PretrainConfig)
-    layers: list[Any] = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
-        layers.append(loaded)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        layers.append({key.strip(): yaml.safe_load(value) if value.strip() else value})
+    layers: list[dict[str, Any]] = [read_config_file(path)] if path is not None else []
+    layers += [{key: yaml.safe_load(value) if value.strip() else value}
+               for key, value in split_overrides(overrides).items()]
     for layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
