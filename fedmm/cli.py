@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.INFO)
+    from fedmm.core.results import SUMMARY_FILE, RunFailed
     from fedmm.engine.ray_cluster import RayClusterUnreachable
 
     try:
@@ -115,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     except RayClusterUnreachable as err:
         print(f"fedmm: {err}", file=sys.stderr)
         return 2
-    if not (out / "summary.json").is_file():
+    except RunFailed:
+        pass  # the summary says why, below
+    if not (out / SUMMARY_FILE).is_file():
         print("fedmm: the run did not finish (no summary.json); see the log above", file=sys.stderr)
         return 1
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    if summary.get("status") == "failed":
+        print(f"fedmm: the run failed; {out / SUMMARY_FILE} says why:", file=sys.stderr)
+        for problem in summary["problems"]:
+            print(f"  - {problem}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -26,10 +26,12 @@ from fedmm.core.components import flatten, is_expert, unflatten
 from fedmm.models.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
 from fedmm.core.protocol import ReplyLimits
 from fedmm.core.results import (
+    RunFailed,
     RunResults,
     checkpoint_path,
     detection_scores,
     print_table,
+    run_problems,
     summary_dict,
     trust_state_path,
 )
@@ -252,7 +254,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("evaluating the initial model", total=run.rounds, completed=results.last_round)
         if not run.resume:
-            record = {"round": 0, "time.discover_s": discover_s, **_evaluate(grid, evaluator, arrays, 0, run).record}
+            record = {"round": 0, "time.discover_s": discover_s, "nodes.refused": len(registry.refused),
+                      **_evaluate(grid, evaluator, arrays, 0, run).record}
             results.log_round(record)
             results.checkpoint(0, _parameters(arrays, layouts))
         for server_round in range(results.last_round + 1, run.rounds + 1):
@@ -277,6 +280,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
                 new_arrays = _as_global(new_arrays, arrays, strategy) if new_arrays is not None else None
                 train_metrics = checked
+            changed = _changed_components(arrays, new_arrays)
             if new_arrays is not None:
                 arrays = new_arrays
                 if forging:  # colluders see consecutive global models
@@ -284,6 +288,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
             record = {"round": server_round, "train.clients-sampled": len(messages),
+                      "train.components-changed": changed, "nodes.refused": len(registry.refused),
                       "uplink.bytes": sum(uplink), "uplink.replies": len(uplink)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
             if isinstance(strategy, TrustScoring):
@@ -311,8 +316,29 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     if isinstance(strategy, TrustScoring):
         summary.update(detection_scores(results.history, malicious))
         results.plot_trust(run.clients.num, set(malicious))
+    summary["nodes.refused"] = {str(node): why for node, why in sorted(registry.refused.items())}
+    never_changed = _never_changed(_restore_arrays(results, layouts, 0), protocol.decode_record(arrays))
+    problems = run_problems(results.history, run.strategy.min_train_nodes, never_changed)
+    summary["status"] = "failed" if problems and not run.strategy.allow_degraded else "completed"
+    summary["problems"] = problems
     results.write_summary(summary)
     results.plot()
     results.plot_experts()
     print_table(summary, console)
+    if summary["status"] == "failed":
+        raise RunFailed("the run did not do what it was asked (strategy.allow_degraded=true accepts it): "
+                        + "; ".join(problems))
     return summary
+
+
+def _changed_components(old: ArrayRecord, new: ArrayRecord | None) -> int:
+    """How many components a round's aggregation moved."""
+    if new is None:
+        return 0
+    return sum(not np.array_equal(old[k].numpy(), new[k].numpy()) for k in old.keys())
+
+
+def _never_changed(initial: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> list[str]:
+    """Components the run left at their initial value; experts are exempt, since one that no client
+    routed tokens to keeps its value by design."""
+    return [c for c in sorted(initial) if not is_expert(c) and np.array_equal(initial[c], final[c])]

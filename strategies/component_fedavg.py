@@ -35,6 +35,7 @@ class AggregateResult:
     arrays: dict[str, np.ndarray]  # new vectors of every component that had a valid holder
     accepted: list[ClientUpdate]
     rejected: list[Rejection] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)  # components with holders that a robust rule left unchanged
 
 
 def validate_replies(replies: Iterable[Message], node_components: Mapping[int, Iterable[str]],
@@ -98,9 +99,12 @@ def drop_nonfinite(updates: Iterable[ClientUpdate]) -> tuple[list[ClientUpdate],
     return finite, rejected
 
 
-def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[ClientUpdate] = ()) -> MetricRecord:
-    """Accepted / rejected counts (by kind) and the mean training loss per task."""
-    metrics = MetricRecord({"clients-accepted": accepted, "clients-rejected": len(rejected)})
+def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[ClientUpdate] = (),
+                  usable: int | None = None) -> MetricRecord:
+    """Accepted / rejected counts (by kind) and the mean training loss per task. `usable` counts the
+    replies that passed the checks (default: `accepted`; a defence may aggregate fewer of them)."""
+    metrics = MetricRecord({"clients-accepted": accepted, "clients-usable": accepted if usable is None else usable,
+                            "clients-rejected": len(rejected)})
     for kind, count in sorted(Counter(kind for _, kind, _ in rejected).items()):
         metrics[f"rejected.{kind}"] = count
     losses: dict[str, list[float]] = {}
@@ -172,6 +176,9 @@ class ComponentFedAvg(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self.registry.refresh(grid)
         nodes = self.registry.sample(self.fraction_train, self.min_train_nodes, server_round)
+        if len(nodes) < self.min_train_nodes:
+            log(WARNING, "round %d: only %d nodes online, fewer than min_train_nodes=%d", server_round,
+                len(nodes), self.min_train_nodes)
         self._arrays = arrays
         self._sent = {n.node_id: n.components for n in nodes}
         config = dict(config) | {protocol.SERVER_ROUND: server_round}
@@ -191,6 +198,7 @@ class ComponentFedAvg(Strategy):
         log_rejections(server_round, result.rejected)
         metrics = round_metrics(len(result.accepted), result.rejected, result.accepted)
         metrics["clients-missing"] = len(self._sent) - len(replies)
+        metrics["components-declined"] = len(result.declined)
         metrics.update(routing_metrics(result.accepted, self._sent))
         if not result.arrays:
             return None, metrics

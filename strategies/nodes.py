@@ -43,6 +43,7 @@ class NodeRegistry:
         self._nodes: dict[int, NodeInfo] = {}
         self._partitions: dict[int, int] = {}  # partition id -> node id
         self._online: set[int] = set()  # node ids the grid listed at the last discovery or refresh
+        self.refused: dict[int, str] = {}  # node id -> why its profile reply was refused (until one is accepted)
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -86,10 +87,13 @@ class NodeRegistry:
     def _ask(self, grid: Grid, node_ids: list[int], timeout: float) -> None:
         messages = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for reply in sorted(send_in_batches(grid, messages, timeout), key=lambda r: r.metadata.src_node_id):
+            node_id = reply.metadata.src_node_id
             try:
                 self._register(reply)
+                self.refused.pop(node_id, None)
             except (ValueError, KeyError, TypeError) as err:
-                log(WARNING, "node %s left out: bad profile reply (%s)", reply.metadata.src_node_id, err)
+                self.refused[node_id] = str(err)
+                log(WARNING, "node %s left out: bad profile reply (%s)", node_id, err)
 
     def _register(self, reply: Message) -> None:
         if reply.has_error():

@@ -100,9 +100,10 @@ def flame_rule(noise_factor: float = 0.001, seed: int = 0) -> ComponentRule:
 
 
 def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Mapping[str, np.ndarray],
-                        rule: ComponentRule, name: str = "rule") -> dict[str, np.ndarray]:
-    """New vector of each component that had holders, by `rule` over them (unchanged where it declines)."""
-    out = {}
+                        rule: ComponentRule, name: str = "rule") -> tuple[dict[str, np.ndarray], list[str]]:
+    """New vector of each component that had holders, by `rule` over them, and the components the
+    rule declined (left unchanged)."""
+    out, declined = {}, []
     for component in sorted({c for u in updates for c in u.arrays}):
         holders = [u for u in updates if component in u.arrays]
         vectors = [np.array(u.arrays[component]) for u in holders]
@@ -110,9 +111,10 @@ def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Ma
         new = rule(server_round, component, vectors, weights, sent[component])
         if new is None:
             log(WARNING, "round %d: %s keeps %s unchanged (%d holders)", server_round, name, component, len(holders))
+            declined.append(component)
             continue
         out[component] = new
-    return out
+    return out, declined
 
 
 class RobustComponentStrategy(ComponentFedAvg):
@@ -135,8 +137,8 @@ class RobustComponentStrategy(ComponentFedAvg):
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
         finite, rejected = drop_nonfinite(updates)
         sent = self.sent_vectors()
-        arrays = aggregate_with_rule(server_round, finite, sent, self.rule_for(server_round, sent), self.name)
-        return AggregateResult(arrays, finite, rejected)
+        arrays, declined = aggregate_with_rule(server_round, finite, sent, self.rule_for(server_round, sent), self.name)
+        return AggregateResult(arrays, finite, rejected, declined)
 
 
 def fltrust_weights(deltas: np.ndarray, server_delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

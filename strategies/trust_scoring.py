@@ -93,7 +93,9 @@ class TrustScoring(Strategy):
         kept_nodes = {node_of[p] for p in decision.aggregated}
         kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
-        metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated])
+        faulty = sum(reason.startswith("non-finite") for reason in decision.dropped.values())
+        metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated],
+                                usable=len(accepted) - faulty)
         metrics["clients-missing"] = len(self._sent) - len(replies)
         metrics.update(routing_metrics([updates[p] for p in decision.aggregated], self._sent))
         for reason in ("trusted", "suspicious", "rejected"):

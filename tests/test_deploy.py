@@ -74,7 +74,8 @@ def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(tmp_pat
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train.clients-accepted"] == 3 for r in rounds if "train.clients-accepted" in r)
     logs = out / "deploy" / "logs"
-    assert "--enable-supernode-auth" in (logs / "superlink.log").read_text() or (out / "deploy" / "creds").is_dir()
+    # --auth: each node's key was registered with the SuperLink before it connected (a TLS-only run has none).
+    assert len(re.findall(r"SuperNode \d+ registered successfully", (logs / "register.log").read_text())) == 3
     assert not _flower_processes_of(out)  # every process it started is gone
     # Each node's model worker answered its messages (query, 2 trainings, 3 evaluations at least) and is gone.
     for i in range(3):

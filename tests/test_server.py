@@ -15,6 +15,8 @@ import server_app.runner
 from client_apps.app import make_client_app
 from fedmm.core import protocol
 from fedmm.core.config import load_config
+from fedmm.cli import main as cli_main
+from fedmm.core.results import RunFailed
 from fedmm.core.schema import ConfigError
 from server_app.runner import build_strategy, run_federation
 from strategies import ComponentFedAvg, NodeRegistry
@@ -67,7 +69,8 @@ def _float64(reply: Message) -> Message:
 def test_a_bad_reply_is_dropped_counted_and_the_round_goes_on(tmp_path, tamper, kind):
     run = fast_run(tmp_path)
     grid = LocalGrid(make_client_app(run), 3, tamper={2: tamper})  # partition 2: the multimodal client
-    run_federation(grid, run)
+    with pytest.raises(RunFailed, match="never changed: head.vqa"):  # its only holder never got through
+        run_federation(grid, run)
     rounds = records(tmp_path / "out")
     for record in rounds[1:]:
         assert record["train.clients-accepted"] == 2
@@ -82,6 +85,56 @@ def test_a_bad_reply_is_dropped_counted_and_the_round_goes_on(tmp_path, tamper, 
     assert np.array_equal(first["heads.vqa.weight"], last["heads.vqa.weight"])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["clients_rejected_total"] == 2
+    assert summary["status"] == "failed"
+    assert summary["problems"] == ["components the run never changed: head.vqa"]
+
+
+def test_a_run_whose_every_reply_is_rejected_fails_with_its_reason(tmp_path):
+    run = fast_run(tmp_path)
+    grid = LocalGrid(make_client_app(run), 3, tamper={p: _nan for p in range(3)})
+    with pytest.raises(RunFailed):
+        run_federation(grid, run)
+    for record in records(tmp_path / "out")[1:]:
+        assert (record["train.clients-usable"], record["train.rejected.non-finite"]) == (0, 3)
+        assert record["train.components-changed"] == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["problems"][:2] == [
+        f"round {r}: 0 usable replies, fewer than strategy.min_train_nodes=2 (3 sampled, 3 rejected: "
+        "non-finite 3, 0 missing)" for r in (1, 2)]
+    assert summary["problems"][2].startswith("components the run never changed: encoder.image, encoder.text")
+    assert (tmp_path / "out" / "checkpoints" / "round-0002.safetensors").is_file()  # everything still written
+
+
+def test_allow_degraded_records_the_problems_and_completes(tmp_path):
+    run = fast_run(tmp_path, "strategy.allow_degraded=true")
+    summary = run_federation(LocalGrid(make_client_app(run), 3, tamper={p: _nan for p in range(3)}), run)
+    assert summary["status"] == "completed"
+    assert len(summary["problems"]) == 3
+
+
+def test_a_robust_rule_that_declines_a_component_every_round_fails_the_run(tmp_path):
+    # Every client flips its update's sign, so FLTrust's ReLU(cos) with the server's own update is
+    # zero for whole components, and the rule keeps them as they were.
+    run = fast_run(tmp_path, "attack.name=sign_flip", "attack.fraction=0.9", "defense.name=fltrust",
+                   "defense.root_examples=40")
+    with pytest.raises(RunFailed):
+        run_federation(LocalGrid(make_client_app(run), 3), run)
+    declined = [r["train.components-declined"] for r in records(tmp_path / "out")[1:]]
+    assert all(d >= 1 for d in declined)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["problems"] == [f"components the run never changed: head.img_shape; the robust rule declined "
+                                   f"{sum(declined)} component-rounds"]
+
+
+def test_fedmm_simulate_exits_non_zero_when_the_run_fails(tmp_path, monkeypatch, capsys):
+    def simulate_in_process(run, ray_address=""):
+        run_federation(LocalGrid(make_client_app(run), 3, tamper={p: _nan for p in range(3)}), run)
+
+    monkeypatch.setattr("fedmm.cli.simulate", simulate_in_process)
+    assert cli_main(["simulate", "--out", str(tmp_path / "out"), *FAST]) == 3
+    assert "0 usable replies" in capsys.readouterr().err
 
 
 def test_clients_receive_only_their_components(tmp_path):
@@ -172,6 +225,7 @@ def test_a_node_claiming_a_taken_partition_is_left_out(tmp_path):
     registry = NodeRegistry(run)
     registry.discover(grid)
     assert sorted(n.partition_id for n in registry.nodes()) == [0, 1, 2]
+    assert list(registry.refused.values()) == ["partition id 1 is already taken by another node"]
 
 
 def _record_batches(grid: LocalGrid) -> list[int]:

@@ -73,8 +73,11 @@ def test_an_attacked_simulation_with_trust_scoring_on_real_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["attack.malicious_clients"]) == 2
-    assert 0 <= summary["final.attack.success_rate"] <= 1
+    per_task = [summary[f"final.backdoor.{task}.success_rate"] for task in ("img_shape", "txt_color", "vqa")]
+    assert min(per_task) <= summary["final.attack.success_rate"] <= max(per_task)
     assert summary["detection.client_rounds_malicious"] == 4
+    # Scaled updates (x10, clipped at 2x their own norm) stand out: trust scoring flags some of them.
+    assert summary["detection.recall"] > 0
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reports = [r["trust"] for r in rounds if "trust" in r]
     assert len(reports) == 2 and all(set(r) == {str(p) for p in range(6)} for r in reports)

@@ -221,12 +221,21 @@ def test_an_honest_client_held_out_by_its_past_recovers_once_trusted_again():
     for _ in range(10):
         for c in range(10):
             rep.participate(c, earned=int(c != 3))  # client 3 has a bad past
-    held_out = []
+    fate, below = [], []  # client 3's category and what became of it; its rate below the bar before the round
     for server_round in range(11, 40):
+        below.append(rep.rate(3) < rep.threshold())
         decision = trust.decide_round(_updates(), sent, LAYOUTS, rep, server_round,
                                       np.random.default_rng(server_round), warmup_rounds=3)
-        held_out.append(3 not in decision.aggregated)
-    assert held_out[0] and not all(held_out[-5:])
+        fate.append((decision.category[3], decision.dropped.get(3, "aggregated" if 3 in decision.aggregated else "")))
+    by_reputation = [why.startswith("reputation") for _, why in fate]
+    # Reputation holds it out exactly while its rate is below the bar (a rejection by score outranks it) ...
+    assert all(held <= low for held, low in zip(by_reputation, below)) and by_reputation[0]
+    assert all(held for held, low, (category, _) in zip(by_reputation, below, fate) if low and category == "trusted")
+    # ... its honest rounds lift the rate back within ten rounds, and from then on it is aggregated
+    # every round it is trusted.
+    recovered = below.index(False)
+    assert recovered <= 10 and not any(below[recovered:])
+    assert all(why == "aggregated" for category, why in fate[recovered:] if category == "trusted")
 
 
 def test_a_huge_finite_update_of_one_of_two_holders_is_screened_and_nothing_turns_nan():

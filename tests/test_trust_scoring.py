@@ -117,7 +117,29 @@ def test_reputation_survives_a_server_restart(tmp_path):
 def test_a_backdoor_run_reports_its_success_rate_and_detection(tmp_path):
     run = fast_run(tmp_path, "attack.name=backdoor", "attack.fraction=0.34")
     summary = run_federation(LocalGrid(make_client_app(run), 6), run)
-    assert 0 <= summary["final.attack.success_rate"] <= 1
-    for task in ("img_shape", "txt_color", "vqa"):
-        assert 0 <= summary[f"final.backdoor.{task}.success_rate"] <= 1
-    assert 0 <= summary["detection.recall"] <= 1 and summary["detection.client_rounds_malicious"] == 4
+    per_task = [summary[f"final.backdoor.{task}.success_rate"] for task in ("img_shape", "txt_color", "vqa")]
+    assert min(per_task) <= summary["final.attack.success_rate"] <= max(per_task)  # pooled over the tasks
+    # Detection is scored from the per-round decisions the trust report holds, against the drawn attackers.
+    malicious = set(summary["attack.malicious_clients"])
+    decisions = [(int(c), e["decision"] != "aggregated") for r in rounds(tmp_path / "out") for c, e in r["trust"].items()]
+    flagged = [c for c, dropped in decisions if dropped]
+    assert summary["detection.client_rounds_malicious"] == 4 == sum(c in malicious for c, _ in decisions)
+    assert summary["detection.client_rounds_flagged"] == len(flagged)
+    hits = sum(c in malicious for c in flagged)
+    assert summary["detection.recall"] == hits / 4
+    assert summary["detection.precision"] == (hits / len(flagged) if flagged else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_the_shipped_base_a_backdoor_sends_triggered_inputs_to_the_target_and_clean_training_does_not(
+        tmp_path, seed):
+    # The shipped pretrained base (no encoder override), 6 clients, 2 of them poisoning every example.
+    base = ["clients.num=6", "data.examples_per_task=480", "rounds=2", "train.local_steps=20",
+            "attack.name=backdoor", "attack.fraction=0.34", "attack.poison_fraction=1.0", f"seed={seed}"]
+    rates = {}
+    for data in ("none", "auto"):  # none: nobody poisons, the trigger is still measured (its base rate)
+        run = load_config(overrides=[*base, f"attack.data={data}", f"out={tmp_path / data}"])
+        rates[data] = run_federation(LocalGrid(make_client_app(run), 6), run)["final.attack.success_rate"]
+    # Measured: base rate 0.041 / 0.004, poisoned 0.701 / 0.665 (seeds 0 / 1).
+    assert rates["none"] <= 0.1 and rates["auto"] >= 0.5, rates

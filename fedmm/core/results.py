@@ -228,6 +228,33 @@ def detection_scores(history: list[dict[str, Any]], malicious: set[int]) -> dict
             "detection.client_rounds_flagged": float(flagged), "detection.client_rounds_malicious": float(positives)}
 
 
+class RunFailed(RuntimeError):
+    """The run finished and wrote its results folder, but did not do what it was asked to
+    (`run_problems`); `summary.json` has the reasons under `problems`."""
+
+
+def run_problems(history: list[dict[str, Any]], min_train_nodes: int, never_changed: list[str]) -> list[str]:
+    """Why a finished run failed, or []: a round with fewer than `min_train_nodes` usable replies (the
+    rest rejected, missing or never sampled), and components the run never changed."""
+    problems = []
+    for record in history:
+        if record.get("stage") or record["round"] == 0:
+            continue
+        usable = record.get("train.clients-usable", record.get("train.clients-accepted", 0))
+        if usable < min_train_nodes:
+            kinds = ", ".join(f"{k.split('.', 2)[2]} {v}" for k, v in sorted(record.items())
+                              if k.startswith("train.rejected."))
+            problems.append(f"round {record['round']}: {usable} usable replies, fewer than "
+                            f"strategy.min_train_nodes={min_train_nodes} ({record.get('train.clients-sampled', 0)} "
+                            f"sampled, {record.get('train.clients-rejected', 0)} rejected{': ' + kinds if kinds else ''}, "
+                            f"{record.get('train.clients-missing', 0)} missing)")
+    if never_changed:
+        declined = sum(r.get("train.components-declined", 0) for r in history)
+        why = f"; the robust rule declined {declined} component-rounds" if declined else ""
+        problems.append(f"components the run never changed: {', '.join(never_changed)}{why}")
+    return problems
+
+
 def summary_dict(run: RunConfig, history: list[dict[str, Any]], full_model_bytes: int,
                  trainable_bytes: int) -> dict[str, Any]:
     first, last = history[0], history[-1]

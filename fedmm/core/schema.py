@@ -99,6 +99,9 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     fraction_final: float = 1.0  # share of clients in the final measurement (after personalization)
     reply_timeout: float = 0.0  # seconds to wait for replies, per batch of 256 messages; 0 waits for all
+    # A round with fewer than min_train_nodes usable replies, or a component the run never changed,
+    # fails the run (after everything is written) unless this is true.
+    allow_degraded: bool = False
 
 
 @dataclass
