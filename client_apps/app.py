@@ -14,6 +14,7 @@ from client_apps.forwarding import forward_to_worker
 from fedmm.core import protocol
 from fedmm.core.config import config_from_flat
 from fedmm.core.schema import RunConfig
+from fedmm.engine.ray_cluster import keep_flower_simulation_local
 
 
 def _client():
@@ -81,4 +82,5 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
     return app
 
 
+keep_flower_simulation_local()  # before Flower's Simulation Engine calls ray.init()
 app = make_client_app()

@@ -19,8 +19,10 @@
 #                 keeps the model and the node's data loaded across messages, and the ClientApp
 #                 process only forwards to it (node config model-worker=PATH).
 # --no-model-worker     answer each message in Flower's per-message ClientApp process instead.
+# --connect-timeout S   stop (exit status 1) when the SuperLink has not answered for S seconds, at the
+#                 start or after losing it mid-run (default 300; 0 waits for ever).
 set -euo pipefail
-superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1 data_path="" worker=1 socket=""
+superlink="" partition="" creds="" key="" port=9094 host=127.0.0.1 data_path="" worker=1 socket="" connect_timeout=300
 while [ $# -gt 0 ]; do
   case "$1" in
     --superlink) superlink="$2"; shift 2 ;;
@@ -32,11 +34,32 @@ while [ $# -gt 0 ]; do
     --data-path) data_path="$2"; shift 2 ;;
     --worker-socket) socket="$2"; shift 2 ;;
     --no-model-worker) worker=0; shift ;;
+    --connect-timeout) connect_timeout="$2"; shift 2 ;;
     *) echo "supernode.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$superlink" ] || { echo "supernode.sh: --superlink HOST:PORT is required" >&2; exit 2; }
 [[ "$partition" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --partition-id must be a number >= 0" >&2; exit 2; }
+[[ "$connect_timeout" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --connect-timeout must be a number of seconds >= 0" >&2; exit 2; }
+[[ "$superlink" =~ ^.+:[0-9]+$ ]] || { echo "supernode.sh: --superlink $superlink is not HOST:PORT" >&2; exit 2; }
+# Flower's SuperNode retries an address that does not answer with only a warning per attempt: say up
+# front which address and how long, so a wrong --superlink is not a silent wait.
+if ! python - "$superlink" <<'PY'
+import socket, sys
+host, _, port = sys.argv[1].rpartition(":")
+try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+except OSError:
+    sys.exit(1)
+PY
+then
+  if [ "$connect_timeout" = 0 ]; then
+    echo "supernode.sh: the SuperLink at $superlink does not answer yet; waiting for it (--connect-timeout 0)" >&2
+  else
+    echo "supernode.sh: the SuperLink at $superlink does not answer yet; this node waits up to ${connect_timeout} s" \
+      "(--connect-timeout), then stops with exit status 1" >&2
+  fi
+fi
 node_config="partition-id=$partition"
 if [ -n "$data_path" ]; then
   [ -d "$data_path" ] || { echo "supernode.sh: --data-path $data_path is not a folder" >&2; exit 2; }
@@ -58,6 +81,7 @@ if [ "$worker" = 1 ]; then
   node_config="$node_config model-worker=\"$socket\""
 fi
 args=(--superlink "$superlink" --host "$host" --port "$port" --node-config "$node_config")
+[ "$connect_timeout" = 0 ] || args+=(--max-wait-time "$connect_timeout")
 if [ -n "$creds" ]; then
   [ -f "$creds/ca.crt" ] || { echo "supernode.sh: $creds/ca.crt is missing" >&2; exit 2; }
   args+=(--root-certificates "$creds/ca.crt")

@@ -61,6 +61,32 @@ def test_run_local_refuses_bad_arguments_before_starting_anything(tmp_path, args
     assert proc.returncode == 2 and message in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--superlink", "127.0.0.1:9092", "--partition-id", "0", "--connect-timeout", "soon"], "--connect-timeout must"),
+    (["--superlink", "superlink.example.org", "--partition-id", "0"], "is not HOST:PORT"),
+])
+def test_supernode_refuses_bad_arguments(args, message):
+    proc = subprocess.run([str(DEPLOY / "supernode.sh"), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_supernode_whose_superlink_never_answers_says_so_and_stops(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    start, log = time.monotonic(), tmp_path / "supernode.log"
+    # A log file, not a pipe: the SuperNode's SuperExec child may hold its output open for a while.
+    node = subprocess.Popen([str(DEPLOY / "supernode.sh"), "--superlink", address, "--partition-id", "0",
+                             "--no-model-worker", "--connect-timeout", "5", "--port", str(_free_port())],
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        returncode = node.wait(timeout=120)
+    finally:
+        _stop(node.pid)
+    assert returncode == 1
+    assert f"the SuperLink at {address} does not answer yet; this node waits up to 5 s" in log.read_text()
+    assert time.monotonic() - start < 60
+
+
 @pytest.mark.slow
 def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(tmp_path):
     out = tmp_path / "run"

@@ -62,9 +62,22 @@ def _run_config(out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def flwr_run(superlink, tmp_path_factory):
-    """One complete `flwr run` of CONFIG: (results folder, run id)."""
+    """One complete `flwr run` of CONFIG: (results folder, run id). The machine's Ray cluster file names
+    a dead head meanwhile, as a Ray head that died leaves it: the run must neither hang nor join it."""
+    from fedmm.engine.ray_cluster import _cluster_file
+
     out = tmp_path_factory.mktemp("flwr") / "run"
-    return out, _flwr_run(superlink, _run_config(out))["run-id"]
+    file = _cluster_file()
+    saved = file.read_text() if file.is_file() else None
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(f"127.0.0.1:{_free_port()}")
+    try:
+        return out, _flwr_run(superlink, _run_config(out))["run-id"]
+    finally:
+        if saved is None:
+            file.unlink(missing_ok=True)
+        else:
+            file.write_text(saved)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """A simulation never joins a Ray cluster nobody named, and a named one that does not answer is a
 clear error, not a hang."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def test_auto_reads_the_cluster_file_and_names_it(tmp_path, monkeypatch):
         ray_init_args("auto")
     with pytest.raises(RayClusterUnreachable, match="is not host:port"):
         check_reachable("nonsense")
+
+
+@pytest.mark.parametrize("argv0, named, expected", [
+    ("/venv/bin/flwr-simulation", None, "local"),  # flwr run's simulation process: a local instance
+    ("/venv/bin/flwr-simulation", "10.0.0.7:6379", "10.0.0.7:6379"),  # a cluster the user named is kept
+    ("/venv/bin/fedmm", None, None),  # anywhere else nothing changes
+])
+def test_flwr_runs_simulation_process_starts_a_local_ray_unless_told_otherwise(monkeypatch, argv0, named, expected):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    if named is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", named)
+    ray_cluster.keep_flower_simulation_local()
+    assert os.environ.get("RAY_ADDRESS") == expected
 
 
 def test_simulate_with_a_dead_cluster_exits_2_naming_the_address(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 CONNECT_TIMEOUT_S = 10.0
@@ -61,3 +62,12 @@ def ray_init_args(address: str) -> dict[str, str]:
         return {"address": "local"}
     check_reachable(address)
     return {"address": address}
+
+
+def keep_flower_simulation_local() -> None:
+    """Under `flwr run`, Flower's Simulation Engine calls `ray.init()` with no address in the
+    `flwr-simulation` process, just after loading the ClientApp; Ray would then join the cluster the
+    machine's cluster file names, and sit retrying a head that died. Unless the user names a cluster
+    with RAY_ADDRESS, that call starts a local instance instead."""
+    if Path(sys.argv[0]).name == "flwr-simulation":
+        os.environ.setdefault("RAY_ADDRESS", "local")
