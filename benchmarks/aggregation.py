@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import best_of  # noqa: E402
-from fedmm import protocol  # noqa: E402
+from fedmm.core import protocol  # noqa: E402
 from strategies.component_fedavg import aggregate_replies  # noqa: E402
 
 # On the wire each component is one flat float32 vector (see fedmm.core.components); a client holding an

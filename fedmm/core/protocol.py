@@ -7,6 +7,7 @@ evaluated.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -182,21 +183,14 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     missing = sorted(c for c in expected.keys() - keys if not is_expert(c))
     if missing:
         raise ReplyError("missing-key", f"{missing[:3]}{' …' if len(missing) > 3 else ''}")
+    count_keys, allowed, has_experts = _reply_schema(tuple(components))
     weights = {}
-    for component in components:
-        count_key = f"{EXAMPLES_PREFIX}{component}"
-        if is_expert(component):
-            continue
+    for component, count_key in count_keys:
         if count_key not in metrics:
             raise ReplyError("bad-count", f"missing {count_key!r}")
         weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
-    weights.update(_expert_weights(metrics, keys, components, num_examples, limits))
-    tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
-    routed = {routed_key(m, c) for c in components if is_expert(c) for m in _routing_modalities(c, components)}
-    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {f"{EXAMPLES_PREFIX}{c}" for c in components if not is_expert(c)} | {
-        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed
-    if routed:
-        allowed.add(ROUTING_ENTROPY)
+    if has_experts:
+        weights.update(_expert_weights(metrics, keys, components, num_examples, limits))
     scalars = {}
     for key, value in metrics.items():
         if key not in allowed:
@@ -206,6 +200,20 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         scalars[key] = float(value)
     arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
     return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reply_schema(components: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], frozenset[str], bool]:
+    """What a training reply of a node holding `components` may carry, worked out once per holding:
+    (component, its example-count key) of every non-expert, the metric keys allowed, whether it has experts."""
+    count_keys = tuple((c, f"{EXAMPLES_PREFIX}{c}") for c in components if not is_expert(c))
+    tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
+    routed = {routed_key(m, c) for c in components if is_expert(c) for m in _routing_modalities(c, list(components))}
+    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {key for _, key in count_keys} | {
+        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed
+    if routed:
+        allowed.add(ROUTING_ENTROPY)
+    return count_keys, frozenset(allowed), any(is_expert(c) for c in components)
 
 
 def _routing_modalities(expert: str, components: list[str]) -> list[str]:
