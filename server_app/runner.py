@@ -7,11 +7,13 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -33,16 +35,17 @@ from fedmm.core.results import (
     print_table,
     run_problems,
     summary_dict,
+    strategy_state_path,
     trust_state_path,
 )
 from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
-from strategies.component_fedavg import drop_nonfinite, log_rejections, round_metrics, validate_replies
 from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
 from strategies.robust_baselines import robust_strategy
 from strategies.trust_scoring import TrustScoring
-from strategies.nodes import array_shapes, node_messages, send_in_batches
+from strategies.nodes import node_messages, send_in_batches
+from strategies.per_component import PerComponentStrategy, strategy_arguments
 
 
 def peak_rss_mb() -> float:
@@ -100,25 +103,20 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
 
 def _base_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits) -> Strategy:
     s = run.strategy
+    common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes,
+                  fraction_evaluate=s.fraction_evaluate, limits=limits)
     if s.name == "fedmm":
-        return ComponentFedAvg(registry, s.fraction_train, s.min_train_nodes, s.fraction_evaluate, limits)
+        if s.args:
+            raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
+                              "arguments; name a Flower strategy class to pass it some")
+        return ComponentFedAvg(registry, **common)
     cls = _import_strategy(s.name)
-    if _has_experts(run):
-        raise ConfigError(f"config key 'strategy.name'={s.name!r}: the model has experts, which clients send only "
-                          "when they used them, and a plain Flower strategy needs every reply to hold the same "
-                          "arrays; use strategy.name=fedmm (expert-wise aggregation)")
-    held = {tuple(sorted(tasks)) for tasks in run.clients.profiles.values()}
-    if len(held) > 1:
-        raise ConfigError(
-            f"config key 'strategy.name'={s.name!r}: a plain Flower strategy sends every client the same "
-            f"arrays, but the profiles hold different tasks {sorted(held)}; use strategy.name=fedmm"
-        )
+    kwargs = strategy_arguments(cls, s.args)
     try:
-        return cls(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-                   min_train_nodes=s.min_train_nodes, min_available_nodes=run.clients.num)
-    except TypeError as err:
-        raise ConfigError(f"config key 'strategy.name'={s.name!r}: cannot build it with fraction_train, "
-                          f"fraction_evaluate, min_train_nodes, min_available_nodes ({err})") from None
+        cls(**kwargs)
+    except Exception as err:  # the class's own checks of its arguments
+        raise ConfigError(f"config key 'strategy.name'={s.name!r}: cannot build it with {kwargs}: {err}") from None
+    return PerComponentStrategy(registry, lambda: cls(**kwargs), cls.__name__, **common)
 
 
 def check_strategy(run: RunConfig) -> None:
@@ -128,32 +126,6 @@ def check_strategy(run: RunConfig) -> None:
 
 def _uplink_bytes(reply: Message) -> int:
     return sum(len(a.data) for record in reply.content.array_records.values() for a in record.values())
-
-
-def _prevalidate(server_round: int, replies: list[Message], registry: NodeRegistry, arrays: ArrayRecord,
-                 limits: ReplyLimits) -> tuple[list[Message], MetricRecord]:
-    """For plain Flower strategies: drop replies that fail fedmm's checks before the strategy sees them."""
-    sent = {n.node_id: n.components for n in registry.nodes()}
-    accepted, rejected = validate_replies(replies, sent, array_shapes(arrays), limits)
-    kept, nonfinite = drop_nonfinite(accepted)
-    rejected += nonfinite
-    log_rejections(server_round, rejected)
-    bad = {node for node, _, _ in rejected}
-    return [r for r in replies if r.metadata.src_node_id not in bad], round_metrics(len(kept), rejected, kept)
-
-
-def _as_global(new: ArrayRecord, arrays: ArrayRecord, strategy: Strategy) -> ArrayRecord:
-    """A plain strategy's output as fedmm's global record: float32 vectors with the same keys and shapes."""
-    if set(new.keys()) != set(arrays.keys()):
-        raise RuntimeError(f"{type(strategy).__name__} returned components {sorted(new.keys())}, "
-                           f"expected {sorted(arrays.keys())}")
-    out = {}
-    for key in arrays.keys():
-        value = new[key].numpy()
-        if value.shape != tuple(arrays[key].shape) or not np.isfinite(value).all():
-            raise RuntimeError(f"{type(strategy).__name__} returned a bad {key}: shape {value.shape}")
-        out[key] = Array(np.ascontiguousarray(value, dtype=np.float32))
-    return ArrayRecord(out)
 
 
 def _timeout(run: RunConfig) -> float | None:
@@ -200,10 +172,22 @@ def _restore_arrays(results: RunResults, layouts, server_round: int) -> dict[str
     return {c: flatten(layout, stored) for c, layout in layouts.items()}
 
 
+def _stateful(strategy: Strategy) -> list[tuple[TrustScoring | PerComponentStrategy, Callable[[Path, int], Path]]]:
+    """The parts of the strategy that carry state from round to round, each with where it is saved."""
+    parts: list = []
+    if isinstance(strategy, TrustScoring):
+        parts.append((strategy, trust_state_path))
+        strategy = strategy.inner
+    if isinstance(strategy, PerComponentStrategy):
+        parts.append((strategy, strategy_state_path))
+    return parts
+
+
 def _restore(results: RunResults, layouts, strategy: Strategy) -> ArrayRecord:
-    """The global model after the results folder's last complete round, and the defence's state then."""
-    if isinstance(strategy, TrustScoring) and results.last_round > 0:
-        strategy.load_state(trust_state_path(results.out, results.last_round))
+    """The global model after the results folder's last complete round, and the strategy's state then."""
+    if results.last_round > 0:
+        for part, path in _stateful(strategy):
+            part.load_state(path(results.out, results.last_round))
     return protocol.to_array_record(_restore_arrays(results, layouts, results.last_round))
 
 
@@ -223,7 +207,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
-    results = RunResults(run.out, run, trust_state=isinstance(strategy, TrustScoring))
+    results = RunResults(run.out, run, state_paths=tuple(path for _, path in _stateful(strategy)))
     if run.resume:
         arrays = _restore(results, layouts, strategy)
         log(INFO, "resuming %s after round %d", run.out, results.last_round)
@@ -271,15 +255,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 sent = protocol.decode_record(arrays)
                 replies = forge_replies(replies, malicious_nodes, attack.model, run.attack, sent, last_update,
                                         seed=run.seed * 100_003 + server_round)
-            if isinstance(strategy, (ComponentFedAvg, TrustScoring)):
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-                if isinstance(strategy, TrustScoring) and not isinstance(strategy.inner, ComponentFedAvg):
-                    new_arrays = _as_global(new_arrays, arrays, strategy.inner) if new_arrays is not None else None
-            else:
-                replies, checked = _prevalidate(server_round, replies, registry, arrays, limits)
-                new_arrays, _ = strategy.aggregate_train(server_round, replies) if replies else (None, None)
-                new_arrays = _as_global(new_arrays, arrays, strategy) if new_arrays is not None else None
-                train_metrics = checked
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             changed = _changed_components(arrays, new_arrays)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -293,7 +269,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
             if isinstance(strategy, TrustScoring):
                 record["trust"] = {str(p): entry for p, entry in sorted(strategy.last_report.items())}
-                strategy.save_state(trust_state_path(results.out, server_round))
+            for part, path in _stateful(strategy):
+                part.save_state(path(results.out, server_round))
             record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
             record["server.peak_rss_mb"] = peak_rss_mb()

@@ -8,20 +8,18 @@ holders separately.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
-from fedmm.core import protocol
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
 from strategies.nodes import NodeRegistry
+from strategies.per_component import VECTOR, component_replies
 
 # A rule maps (round, component, its holders' vectors and weights, the sent vector) to the
 # component's new vector, or None to keep it unchanged this round.
@@ -33,19 +31,6 @@ def assumed_attackers(holders: int, configured: int, per_attacker: int = 2) -> i
     capped so the rule stays defined (n > per_attacker x f + 2)."""
     wanted = configured or int(0.3 * holders)
     return max(0, min(wanted, (holders - 3) // per_attacker))
-
-
-def _replies(vectors: list[np.ndarray], weights: list[float]) -> list[Message]:
-    """Each holder's component as the one-array reply Flower's strategies read."""
-    out = []
-    for i, (vector, weight) in enumerate(zip(vectors, weights)):
-        metadata = Metadata(run_id=0, message_id=f"component-{i}", src_node_id=i + 1, dst_node_id=0,
-                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
-                            message_type="train")
-        content = RecordDict({protocol.ARRAYS: ArrayRecord({"v": Array(vector)}),
-                              protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: int(weight)})})
-        out.append(Message(metadata=metadata, content=content))
-    return out
 
 
 def flower_rule(name: str, defense: DefenseConfig) -> ComponentRule:
@@ -66,8 +51,8 @@ def flower_rule(name: str, defense: DefenseConfig) -> ComponentRule:
         raise ValueError(f"unknown Flower rule {name!r}")
 
     def rule(server_round: int, component: str, vectors: list[np.ndarray], weights: list[float], sent: np.ndarray):
-        arrays, _ = make(len(vectors)).aggregate_train(server_round, _replies(vectors, weights))
-        return None if arrays is None else arrays["v"].numpy().astype(np.float32)
+        arrays, _ = make(len(vectors)).aggregate_train(server_round, component_replies(vectors, weights))
+        return None if arrays is None else arrays[VECTOR].numpy().astype(np.float32)
 
     return rule
 

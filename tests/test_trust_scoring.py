@@ -92,11 +92,11 @@ def test_duplicate_updates_are_left_out(tmp_path):
 
 
 def test_trust_scoring_wraps_a_plain_flower_strategy(tmp_path):
-    run = fast_run(tmp_path, *ONE_PROFILE, "strategy.name=flwr.serverapp.strategy.FedAvg")
+    run = fast_run(tmp_path, "strategy.name=flwr.serverapp.strategy.FedAvg")  # on the mismatched profiles
     strategy = build_strategy(run, NodeRegistry(run))
-    assert isinstance(strategy, TrustScoring) and type(strategy.inner).__name__ == "FedAvg"
+    assert isinstance(strategy, TrustScoring) and strategy.inner.name == "FedAvg"
     summary = run_federation(LocalGrid(make_client_app(run), 6, tamper={2: _scale(1e4)}), run)
-    assert 0 <= summary["final.global.img_shape.accuracy"] <= 1
+    assert summary["status"] == "completed"
     assert all(r["trust"]["2"]["decision"].startswith("absurd-norm") for r in rounds(tmp_path / "out"))
 
 

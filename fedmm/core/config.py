@@ -50,6 +50,8 @@ def _parse_value(key: str, raw: Any) -> Any:
     """
     default = None if key.startswith("clients.profiles.") else OmegaConf.select(_SCHEMA, key, default=None)
     is_list = key.startswith("clients.profiles.") or isinstance(default, ListConfig)
+    if key.startswith(f"{STRATEGY_ARGS_KEY}."):
+        return str(raw)  # converted later, by the strategy class's own signature
     if not isinstance(raw, str):
         return raw
     if isinstance(default, str):
@@ -62,6 +64,23 @@ def _parse_value(key: str, raw: Any) -> Any:
 
 
 PROFILES_KEY = "clients.profiles"
+STRATEGY_ARGS_KEY = "strategy.args"
+
+
+def format_strategy_args(args: Mapping[str, str]) -> str:
+    """`{"eta": "0.01", "beta_1": "0.9"}` -> `"eta=0.01; beta_1=0.9"`, the flat (run config) form."""
+    return "; ".join(f"{name}={value}" for name, value in args.items())
+
+
+def parse_strategy_args(text: str) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ConfigError(f"config key {STRATEGY_ARGS_KEY!r}: {item!r} is not name=value "
+                              "(arguments are separated by ';')")
+        args[name.strip()] = value.strip()
+    return args
 
 
 def format_profiles(profiles: Mapping[str, Sequence[str]]) -> str:
@@ -93,6 +112,11 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(value, str):
                 raise ConfigError(f"config key {PROFILES_KEY!r} must be a string like 'image=img_shape; text=txt_color'")
             nested.setdefault("clients", {})["profiles"] = parse_profiles(value)
+            continue
+        if key == STRATEGY_ARGS_KEY:
+            if not isinstance(value, str):
+                raise ConfigError(f"config key {STRATEGY_ARGS_KEY!r} must be a string like 'eta=0.01; beta_1=0.9'")
+            nested.setdefault("strategy", {}).setdefault("args", {}).update(parse_strategy_args(value))
             continue
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"bad config key {key!r}")
@@ -191,8 +215,10 @@ def to_flat(cfg: RunConfig) -> dict[str, bool | int | float | str]:
     Flower run-configs and records."""
     tree = to_dict(cfg)
     profiles = tree["clients"].pop("profiles")
+    args = tree["strategy"].pop("args")
     flat = _flatten(tree)
     flat[PROFILES_KEY] = format_profiles(profiles)
+    flat[STRATEGY_ARGS_KEY] = format_strategy_args(args)
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 

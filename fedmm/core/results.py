@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ def trust_state_path(out: Path, server_round: int) -> Path:
     return out / CHECKPOINTS / f"round-{server_round:04d}.trust.json"
 
 
+def strategy_state_path(out: Path, server_round: int) -> Path:
+    """A per-component Flower strategy's state (optimiser moments and the like) after a round."""
+    return out / CHECKPOINTS / f"round-{server_round:04d}.strategy.safetensors"
+
+
 def save_checkpoint(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -46,7 +52,10 @@ class RunResults:
     """The results folder. A fresh run starts it empty; with `run.resume` it keeps the rounds that
     completed (`last_round`) and drops anything after them."""
 
-    def __init__(self, out: str | Path, run: RunConfig, trust_state: bool = False) -> None:
+    def __init__(self, out: str | Path, run: RunConfig,
+                 state_paths: tuple[Callable[[Path, int], Path], ...] = ()) -> None:
+        """`state_paths`: files besides the checkpoint that a round after round 0 must have written to
+        count as complete (the defence's and the strategy's state)."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = []
@@ -55,7 +64,7 @@ class RunResults:
         for stale in (SUMMARY_FILE, PLOT_FILE, TRUST_PLOT_FILE, EXPERTS_PLOT_FILE):
             (self.out / stale).unlink(missing_ok=True)
         if run.resume:
-            self._resume(run, trust_state)
+            self._resume(run, state_paths)
             return
         for old in (self.out / CHECKPOINTS).glob("round-*"):
             old.unlink()
@@ -64,7 +73,7 @@ class RunResults:
         (self.out / CONFIG_FILE).write_text(to_yaml(run))
         (self.out / METRICS_FILE).write_text("")
 
-    def _resume(self, run: RunConfig, trust_state: bool) -> None:
+    def _resume(self, run: RunConfig, state_paths: tuple[Callable[[Path, int], Path], ...]) -> None:
         config = self.out / CONFIG_FILE
         if not config.is_file():
             raise ConfigError(f"cannot resume: {str(config)!r} does not exist (no run was started in {str(self.out)!r})")
@@ -82,7 +91,7 @@ class RunResults:
                 break
         rounds = {r["round"] for r in rows if "stage" not in r}
         complete = [r for r in sorted(rounds) if checkpoint_path(self.out, r).is_file()
-                    and (not trust_state or r == 0 or trust_state_path(self.out, r).is_file())]
+                    and (r == 0 or all(path(self.out, r).is_file() for path in state_paths))]
         if not complete:
             raise ConfigError(f"cannot resume the run in {str(self.out)!r}: no round completed")
         self.last_round = complete[-1]

@@ -92,8 +92,11 @@ class TrainConfig:
 @dataclass
 class StrategyConfig:
     # "fedmm" (per-component aggregation) or an import path of a Flower strategy class,
-    # e.g. flwr.serverapp.strategy.FedAdam (needs every client to hold the same components).
+    # e.g. flwr.serverapp.strategy.FedAdam, run once per component over that component's holders.
     name: str = "fedmm"
+    # Keyword arguments of that class, as text converted by its signature (`strategy.args.eta=0.01`;
+    # flat run configs carry them as one string, "eta=0.01; beta_1=0.9").
+    args: dict[str, str] = field(default_factory=dict)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     fraction_evaluate: float = 1.0

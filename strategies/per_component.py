@@ -1,0 +1,255 @@
+"""Any Flower strategy on a mismatched federation: one instance per component, over its holders.
+
+Clients hold different components, so a strategy that expects every reply to carry the same arrays
+runs once per component: its own instance (server-side optimiser state lives per component), primed
+with the component's global vector through its public `configure_train`, then given each holder's
+vector of that component as a one-array reply weighted by the examples (or, for an expert, the routed
+tokens) that trained it. Sampling and reply validation stay fedmm's (`ComponentFedAvg`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from safetensors.numpy import load_file, save_file
+
+from fedmm.core import protocol
+from fedmm.core.protocol import ClientUpdate
+from fedmm.core.schema import ConfigError
+from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
+from strategies.nodes import NodeRegistry
+
+VECTOR = "v"  # the one array of a per-component reply
+
+
+def component_replies(vectors: list[np.ndarray], weights: list[float]) -> list[Message]:
+    """Each holder's vector of one component as the one-array train reply Flower's strategies read."""
+    out = []
+    for i, (vector, weight) in enumerate(zip(vectors, weights)):
+        metadata = Metadata(run_id=0, message_id=f"component-{i}", src_node_id=i + 1, dst_node_id=0,
+                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                            message_type="train")
+        content = RecordDict({protocol.ARRAYS: ArrayRecord({VECTOR: Array(vector)}),
+                              protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: int(weight)})})
+        out.append(Message(metadata=metadata, content=content))
+    return out
+
+
+class _Holders(Grid):
+    """What a strategy's `configure_train` sees of one component: `count` nodes, never messaged."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(1, self.count + 1)
+
+    def set_run(self, run) -> None:  # pragma: no cover - never called by configure_train
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
+        raise NotImplementedError
+
+
+@contextmanager
+def _quiet_flower():
+    """A strategy logs its sampling and aggregation once per call; per component that is noise."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class PerComponentStrategy(ComponentFedAvg):
+    """`make()` builds one Flower strategy per component; each aggregates its component's holders."""
+
+    def __init__(self, registry: NodeRegistry, make: Callable[[], Strategy], name: str, **kwargs) -> None:
+        super().__init__(registry, **kwargs)
+        self.make = make
+        self.name = name
+        self.instances: dict[str, Strategy] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> per component: %s", self.name)
+
+    def instance(self, component: str) -> Strategy:
+        if component not in self.instances:
+            self.instances[component] = self.make()
+        return self.instances[component]
+
+    def combine(self, server_round: int, updates: list[ClientUpdate],
+                shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
+        finite, rejected = drop_nonfinite(updates)
+        sent = self.sent_vectors()
+        arrays, declined = {}, []
+        for component in sorted({c for u in finite for c in u.arrays}):
+            holders = [u for u in finite if component in u.arrays]
+            strategy = self.instance(component)
+            with _quiet_flower():
+                # The public way a strategy learns the round's global arrays (FedOpt's moments need them).
+                list(strategy.configure_train(server_round, ArrayRecord({VECTOR: Array(sent[component])}),
+                                              ConfigRecord(), _Holders(max(len(holders), *_node_minimums(strategy)))))
+                new, _ = strategy.aggregate_train(server_round, component_replies(
+                    [np.asarray(u.arrays[component]) for u in holders],
+                    [u.component_weights[component] for u in holders]))
+            if new is None:
+                declined.append(component)
+                continue
+            vector = new[VECTOR].numpy()
+            if vector.shape != sent[component].shape or not np.isfinite(vector).all():
+                raise RuntimeError(f"{self.name} returned a bad {component}: shape {vector.shape}")
+            arrays[component] = np.ascontiguousarray(vector, dtype=np.float32)
+        return AggregateResult(arrays, finite, rejected, declined)
+
+    def save_state(self, path: str | Path) -> None:
+        """Every instance's array state (optimiser moments, momentum, its copy of the global vector)
+        to safetensors, and its plain numbers in the file's metadata, so a resumed run is exact."""
+        tensors, scalars = {}, {}
+        for component, strategy in sorted(self.instances.items()):
+            for attr, value in vars(strategy).items():
+                for key, array in _arrays_of(value).items():
+                    tensors[f"{component}/{attr}/{key}"] = np.ascontiguousarray(array)
+                if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+                    scalars[f"{component}/{attr}"] = value
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"scalars": json.dumps(scalars)})
+        tmp.replace(path)
+
+    def load_state(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as f:
+                scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot restore the strategy's state from {str(path)!r}: {err}") from None
+        grouped: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        for name, array in tensors.items():
+            component, attr, key = name.split("/", 2)
+            grouped.setdefault((component, attr), {})[key] = array
+        for (component, attr), arrays in grouped.items():
+            strategy = self.instance(component)
+            setattr(strategy, attr, _restored(arrays))
+        for name, value in scalars.items():
+            component, attr = name.split("/", 1)
+            setattr(self.instance(component), attr, value)
+
+
+def _node_minimums(strategy: Strategy) -> tuple[int, int]:
+    """The node counts a strategy's `configure_train` waits for; the stand-in grid offers at least these."""
+    return getattr(strategy, "min_available_nodes", 1), getattr(strategy, "min_train_nodes", 1)
+
+
+def _arrays_of(value: object) -> dict[str, np.ndarray]:
+    """The arrays an attribute holds, by a key that says where: an array, a list of arrays, a dict of
+    arrays or an ArrayRecord (Flower's strategies keep their state in these)."""
+    if isinstance(value, np.ndarray):
+        return {"array": value}
+    if isinstance(value, ArrayRecord):
+        return {f"record:{k}": v.numpy() for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+        return {f"list:{i}": v for i, v in enumerate(value)}
+    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+        return {f"dict:{k}": v for k, v in value.items()}
+    return {}
+
+
+def _restored(arrays: dict[str, np.ndarray]) -> object:
+    """An attribute rebuilt from what `_arrays_of` saved."""
+    kind = next(iter(arrays)).split(":", 1)[0]
+    if kind == "array":
+        return arrays["array"]
+    if kind == "record":
+        return ArrayRecord({k.split(":", 1)[1]: Array(v) for k, v in arrays.items()})
+    if kind == "list":
+        return [arrays[f"list:{i}"] for i in range(len(arrays))]
+    return {k.split(":", 1)[1]: v for k, v in arrays.items()}
+
+
+# fedmm samples the clients of a round itself; a per-component instance's own sampling is never used.
+SAMPLING_ARGUMENTS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+                      "min_available_nodes")
+
+
+def strategy_arguments(cls: type[Strategy], args: Mapping[str, str]) -> dict[str, object]:
+    """`strategy.args.<name>=text` -> keyword arguments of `cls`, each converted to the type its
+    signature names; an unknown name or a value of the wrong type is a ConfigError naming both."""
+    params = inspect.signature(cls).parameters
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to reading values as YAML scalars
+        hints = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out: dict[str, object] = {}
+    for name, text in args.items():
+        key = f"strategy.args.{name}"
+        if name in SAMPLING_ARGUMENTS:
+            raise ConfigError(f"config key {key!r}: fedmm samples each round's clients itself; set "
+                              f"'strategy.{name.replace('_evaluate_nodes', '_train_nodes')}' instead"
+                              if name != "min_available_nodes" else
+                              f"config key {key!r}: fedmm waits for clients.num nodes itself; leave it out")
+        if name not in params and not takes_any:
+            accepted = sorted(n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+            raise ConfigError(f"config key {key!r}: {cls.__name__} has no argument {name!r} "
+                              f"(it takes {', '.join(accepted)})")
+        out[name] = _convert(key, cls.__name__, str(text), hints.get(name))
+    return out
+
+
+def _convert(key: str, owner: str, text: str, hint: object) -> object:
+    """`text` as the type `hint` names (bool, int, float, str, and their Optional / union forms)."""
+    import yaml
+
+    if hint is None or hint is typing.Any:  # not annotated: read it as a YAML scalar
+        return yaml.safe_load(text) if text.strip() else ""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(hint) if union else (hint,)
+    word = text.strip().lower()
+    if word in ("none", "null", "~") and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and word in ("true", "false"):
+            return word == "true"
+        if kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+        if kind is str:
+            return text
+    names = " | ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config key {key!r}: {owner} wants {names}, got {text!r}")
