@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -53,8 +55,12 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         cfg, client = config(context), _client()
         me = client.identify(cfg, context.node_config)
-        server_round = int(message.content[protocol.CONFIG][protocol.SERVER_ROUND])
-        arrays, num_examples, counts, metrics = client.train(cfg, me, _decode(message), server_round)
+        config_record = message.content[protocol.CONFIG]
+        server_round = int(config_record[protocol.SERVER_ROUND])
+        mu = float(config_record.get(protocol.PROXIMAL_MU, 0.0))
+        if not (mu >= 0 and math.isfinite(mu)):
+            raise ValueError(f"train config {protocol.PROXIMAL_MU}={mu!r}: expected a finite number >= 0")
+        arrays, num_examples, counts, metrics = client.train(cfg, me, _decode(message), server_round, mu)
         content = protocol.train_reply_content(arrays, num_examples, counts, metrics)
         return Message(content, reply_to=message)
 

@@ -103,6 +103,26 @@ class PerComponentStrategy(ComponentFedAvg):
         super().summary()
         log(INFO, "\t└──> per component: %s", self.name)
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """fedmm's sampling and messages, carrying whatever train config the strategy itself adds (FedProx's
+        `proximal-mu`, which the client's local training reads)."""
+        return super().configure_train(server_round, arrays, ConfigRecord({**self.train_config(server_round),
+                                                                           **dict(config)}), grid)
+
+    def train_config(self, server_round: int) -> dict:
+        """The config entries the strategy's own `configure_train` puts in a train message."""
+        template = self.make()
+        with _quiet_flower():
+            messages = list(template.configure_train(server_round, ArrayRecord(), ConfigRecord(),
+                                                     _Holders(max(*_node_minimums(template), 1))))
+        if not messages:
+            return {}
+        key = getattr(template, "configrecord_key", protocol.CONFIG)
+        added = dict(messages[0].content[key]) if key in messages[0].content else {}
+        added.pop(protocol.SERVER_ROUND, None)
+        return added
+
     def instance(self, component: str) -> Strategy:
         if component not in self.instances:
             self.instances[component] = self.make()

@@ -131,3 +131,16 @@ def test_the_flat_run_config_carries_the_arguments_as_one_string():
     flat = to_flat(run)
     assert flat["strategy.args"] == "eta=0.05; tau=1e-3"
     assert config_from_flat(flat).strategy.args == {"eta": "0.05", "tau": "1e-3"}
+
+
+def test_fedprox_sends_its_proximal_term_and_the_clients_train_with_it(tmp_path):
+    run_in(tmp_path, "fedavg", "rounds=1", f"strategy.name={FLWR}FedAvg")
+    run = load_config(overrides=[*FAST, f"out={tmp_path / 'prox'}", "rounds=1", f"strategy.name={FLWR}FedProx",
+                                 "strategy.args.proximal_mu=5.0"])
+    grid = LocalGrid(make_client_app(run), 3)
+    run_federation(grid, run)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train and all(m.content["config"]["proximal-mu"] == 5.0 for m in train)
+    initial, fedavg, prox = checkpoint(tmp_path, "fedavg", 0), checkpoint(tmp_path, "fedavg", 1), checkpoint(tmp_path, "prox", 1)
+    moved = lambda new: sum(float(((new[k] - initial[k]) ** 2).sum()) for k in initial)  # noqa: E731
+    assert moved(prox) < moved(fedavg)  # the same clients and data, held nearer to the global model

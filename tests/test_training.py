@@ -85,3 +85,27 @@ def test_the_step_schedule_shares_steps_by_data_and_trains_every_task():
     assert {t: schedule.count(t) for t in "abc"} == {"a": 27, "b": 2, "c": 1}
     even = _schedule({"a": 5, "b": 5, "c": 5}, TrainConfig(local_steps=4), generator)
     assert sorted(even.count(t) for t in "abc") == [1, 1, 2]
+
+
+def test_fedprox_proximal_term_pulls_local_training_towards_the_received_model(small_run):
+    me = client.identify(small_run, {"partition-id": 2})
+    data = client.client_data(small_run, me, "train")
+    small_run.train.local_steps = 20
+    components = client_components(list(me.tasks), small_run)
+    model = module_bank(small_run).model(list(me.tasks))
+    start = trainable_state(model, components)
+    from fedmm.models.model import load_trainable
+
+    def drift(mu):
+        load_trainable(model, start, components)
+        train_local(model, data, small_run.train, 1e-2, seed=3, device=torch.device("cpu"), proximal_mu=mu)
+        trained = trainable_state(model, components)
+        return trained, math.sqrt(sum(float(((trained[k] - start[k]) ** 2).sum()) for k in start))
+
+    plain, d0 = drift(0.0)
+    load_trainable(model, start, components)
+    train_local(model, data, small_run.train, 1e-2, seed=3, device=torch.device("cpu"))
+    assert all(np.array_equal(plain[k], v) for k, v in trainable_state(model, components).items())  # mu=0: FedAvg
+    _, d1 = drift(1.0)
+    _, d100 = drift(100.0)
+    assert d100 < d1 < d0 and d100 < 0.5 * d0  # mu/2 ||w - w_received||^2 holds the weights near what arrived

@@ -25,6 +25,7 @@ METRICS = "metrics"
 PROFILE = "profile"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # FedProx's train config key: the client adds mu/2 * ||w - w_received||^2
 PARTITION_ID = "partition-id"
 TASKS = "tasks"
 EXAMPLES_PREFIX = "examples."  # examples.<component>: examples that trained that component

@@ -173,10 +173,11 @@ class _Session:
     def vectors(self) -> dict[str, np.ndarray]:
         return component_vectors(self.model, self.components)
 
-    def train(self, cfg: TrainConfig, lr: float, seed: int, distill: Distillation | None = None) -> TrainResult:
+    def train(self, cfg: TrainConfig, lr: float, seed: int, distill: Distillation | None = None,
+              proximal_mu: float = 0.0) -> TrainResult:
         grpo = self.run.moe if self.run.moe.routing == "grpo" else None
         return train_local(self.model, client_data(self.run, self.me, "train"), cfg, lr, seed, self.device,
-                           distill, grpo)
+                           distill, grpo, proximal_mu)
 
     def scores(self, split: str) -> dict[str, TaskScore]:
         return evaluate(self.model, client_data(self.run, self.me, split), 2 * self.run.train.batch_size,
@@ -189,8 +190,10 @@ class _Session:
         return _losses(self.scores("val"))
 
 
-def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], server_round: int):
-    """Load the received component vectors (strictly), train locally; then update the personal model.
+def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], server_round: int,
+          proximal_mu: float = 0.0):
+    """Load the received component vectors (strictly), train locally (with FedProx's proximal term
+    when the strategy sends `proximal-mu` > 0); then update the personal model.
 
     Returns (component vectors, examples trained on, examples per component, metrics). Experts travel
     only when this client routed tokens to them; their weights are the `routed.*` token counts.
@@ -198,7 +201,7 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
     s = _Session(run, me)
     s.load(arrays)
     lr = lr_at(server_round, run.rounds, run.train)
-    result = s.train(run.train, lr, _seed(run, me, server_round))
+    result = s.train(run.train, lr, _seed(run, me, server_round), proximal_mu=proximal_mu)
     routed = routed_tokens(s.model)
     counts = {c: 0 for c in s.components if not is_expert(c)}
     for task, n in result.examples.items():

@@ -106,12 +106,13 @@ class Distillation:
 
 def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: TrainConfig, lr: float,
                 seed: int, device: torch.device, distill: Distillation | None = None,
-                grpo: MoEConfig | None = None) -> TrainResult:
+                grpo: MoEConfig | None = None, proximal_mu: float = 0.0) -> TrainResult:
     """AdamW with gradient clipping over the model's trainable tensors; deterministic for a seed.
 
     With `distill`, the loss is fedmm.personalization.tap.kd_loss against the teacher's logits. MoE layers
     add their routing losses, and with `grpo` the routers also learn as a policy (fedmm.models.grpo). Routing
-    counts restart here, so after the call they cover this training run only.
+    counts restart here, so after the call they cover this training run only. `proximal_mu` > 0 adds
+    FedProx's proximal term mu/2 * ||w - w_start||^2 over the trainable tensors (w_start: as received).
     """
     sizes = {t: len(d) for t, d in data.items() if len(d) > 0}
     if not sizes:
@@ -120,6 +121,7 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     orders = {t: torch.randperm(n, generator=generator) for t, n in sizes.items()}
     cursors = dict.fromkeys(sizes, 0)
@@ -152,6 +154,8 @@ def train_local(model: MultiModalModel, data: dict[str, TaskTensors], cfg: Train
         if grpo is not None:
             with autocast_for(device, cfg.precision):
                 total = total + grpo_loss(model, task, parts, labels, grpo, routing_generator)
+        if anchors:
+            total = total + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:
