@@ -36,15 +36,20 @@ from strategies.nodes import NodeRegistry
 VECTOR = "v"  # the one array of a per-component reply
 
 
-def component_replies(vectors: list[np.ndarray], weights: list[float]) -> list[Message]:
-    """Each holder's vector of one component as the one-array train reply Flower's strategies read."""
+def component_replies(vectors: list[np.ndarray], weights: list[float], losses: list[float] | None = None,
+                      loss_key: str = "train_loss") -> list[Message]:
+    """Each holder's vector of one component as the one-array train reply Flower's strategies read;
+    with `losses`, each reply also reports its holder's training loss under `loss_key` (QFedAvg)."""
     out = []
     for i, (vector, weight) in enumerate(zip(vectors, weights)):
+        metrics = MetricRecord({protocol.NUM_EXAMPLES: int(weight)})
+        if losses is not None:
+            metrics[loss_key] = float(losses[i])
         metadata = Metadata(run_id=0, message_id=f"component-{i}", src_node_id=i + 1, dst_node_id=0,
                             reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
                             message_type="train")
         content = RecordDict({protocol.ARRAYS: ArrayRecord({VECTOR: Array(vector)}),
-                              protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: int(weight)})})
+                              protocol.METRICS: metrics})
         out.append(Message(metadata=metadata, content=content))
     return out
 
@@ -142,7 +147,8 @@ class PerComponentStrategy(ComponentFedAvg):
                                               ConfigRecord(), _Holders(max(len(holders), *_node_minimums(strategy)))))
                 new, _ = strategy.aggregate_train(server_round, component_replies(
                     [np.asarray(u.arrays[component]) for u in holders],
-                    [u.component_weights[component] for u in holders]))
+                    [u.component_weights[component] for u in holders],
+                    [_train_loss(u) for u in holders], getattr(strategy, "train_loss_key", "train_loss")))
             if new is None:
                 declined.append(component)
                 continue
@@ -187,6 +193,13 @@ class PerComponentStrategy(ComponentFedAvg):
         for name, value in scalars.items():
             component, attr = name.split("/", 1)
             setattr(self.instance(component), attr, value)
+
+
+def _train_loss(update: ClientUpdate) -> float:
+    """A client's training loss this round: the mean over the tasks it trained (loss-based strategies
+    such as QFedAvg weigh clients by it)."""
+    losses = [v for k, v in update.metrics.items() if k.startswith(protocol.TRAIN_LOSS_PREFIX)]
+    return float(np.mean(losses)) if losses else 0.0
 
 
 def _node_minimums(strategy: Strategy) -> tuple[int, int]:

@@ -144,3 +144,10 @@ def test_fedprox_sends_its_proximal_term_and_the_clients_train_with_it(tmp_path)
     initial, fedavg, prox = checkpoint(tmp_path, "fedavg", 0), checkpoint(tmp_path, "fedavg", 1), checkpoint(tmp_path, "prox", 1)
     moved = lambda new: sum(float(((new[k] - initial[k]) ** 2).sum()) for k in initial)  # noqa: E731
     assert moved(prox) < moved(fedavg)  # the same clients and data, held nearer to the global model
+
+
+def test_qfedavg_weighs_components_by_the_holders_training_loss(tmp_path):
+    _, summary = run_in(tmp_path, "q", f"strategy.name={FLWR}QFedAvg", "strategy.args.client_learning_rate=0.006",
+                        "strategy.args.q=0.5")
+    assert summary["status"] == "completed" and summary["problems"] == []  # every component moved
+    assert all(np.isfinite(v).all() for v in checkpoint(tmp_path, "q", 2).values())
