@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -152,9 +152,13 @@ class PerComponentStrategy(ComponentFedAvg):
             if new is None:
                 declined.append(component)
                 continue
-            vector = new[VECTOR].numpy()
-            if vector.shape != sent[component].shape or not np.isfinite(vector).all():
-                raise RuntimeError(f"{self.name} returned a bad {component}: shape {vector.shape}")
+            vector = new[VECTOR].numpy() if VECTOR in new else None
+            if vector is None or vector.shape != sent[component].shape or not np.isfinite(vector).all():
+                # The global model never takes a malformed or non-finite value; the component waits a round.
+                log(WARNING, "round %d: %s returned an unusable %s (%s); kept unchanged", server_round, self.name,
+                    component, "missing" if vector is None else f"shape {vector.shape}, finite {np.isfinite(vector).all()}")
+                declined.append(component)
+                continue
             arrays[component] = np.ascontiguousarray(vector, dtype=np.float32)
         return AggregateResult(arrays, finite, rejected, declined)
 

@@ -1,6 +1,7 @@
 """Any Flower strategy on a mismatched federation: one instance per component over its holders, its
 arguments from config, its state across rounds and across a resume."""
 
+import json
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from safetensors.numpy import load_file
 
 from client_apps.app import make_client_app
 from fedmm.core.config import load_config
+from fedmm.core.results import RunFailed
 from fedmm.core.schema import ConfigError
 from server_app.runner import build_strategy, run_federation
 from strategies import NodeRegistry
@@ -151,3 +153,11 @@ def test_qfedavg_weighs_components_by_the_holders_training_loss(tmp_path):
                         "strategy.args.q=0.5")
     assert summary["status"] == "completed" and summary["problems"] == []  # every component moved
     assert all(np.isfinite(v).all() for v in checkpoint(tmp_path, "q", 2).values())
+
+
+def test_a_strategy_that_returns_non_finite_values_never_reaches_the_global_model(tmp_path):
+    with pytest.raises(RunFailed, match="never changed"):
+        run_in(tmp_path, "nan", "strategy.name=user_strategy.ServerStepFedAvg", "strategy.args.server_lr=nan")
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert all(np.isfinite(v).all() for v in checkpoint(tmp_path, "nan", 2).values())
+    assert summary["problems"][0].startswith("components the run never changed: encoder.image, encoder.text")
