@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-# IID and 6 rounds so 6 clients learn every task in about a minute; the default run is the harder one.
-# (Measured with this seed: gains 0.15 / 0.76 / 0.26 for img_shape / txt_color / vqa.)
-SMALL = ["clients.num=6", "rounds=6", "data.examples_per_task=900", "data.partitioner=iid", "seed=1"]
+# The shipped base, IID, 3 rounds of 20 steps: 6 clients learn every task in about a minute (measured
+# with this seed: 0.261 -> 0.994, 0.261 -> 1.000, 0.067 -> 0.422 for img_shape / txt_color / vqa).
+SMALL = ["clients.num=6", "rounds=3", "train.local_steps=20", "data.examples_per_task=900",
+         "data.partitioner=iid", "seed=1"]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def test_simulation_learns_every_task(sim_run):
     summary = json.loads((out / "summary.json").read_text())
     for task in ("img_shape", "txt_color", "vqa"):
         gain = summary[f"final.global.{task}.accuracy"] - summary[f"initial.global.{task}.accuracy"]
-        assert gain >= 0.1, (task, gain)
-    assert summary["rounds"] == 6 and summary["clients"] == 6
+        assert gain >= 0.25, (task, gain)
+    assert summary["rounds"] == 3 and summary["clients"] == 6 and summary["status"] == "completed"
     assert summary["bytes.uplink_per_client_round_mean"] <= 0.05 * summary["bytes.full_model"]
     assert summary["clients_rejected_total"] == 0
 
@@ -38,14 +39,14 @@ def test_simulation_learns_every_task(sim_run):
 def test_simulation_writes_the_results_folder(sim_run):
     out, proc = sim_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 3]
     assert records[-1]["stage"] == "final" and "personal.vqa.accuracy" in records[-1]
     records = records[:-1]
     assert all(r["train.clients-accepted"] == 6 for r in records[1:])
     assert (out / "config.yaml").read_text().startswith("seed: 1")
     assert (out / "accuracy.png").stat().st_size > 1000
     first = load_file(str(out / "checkpoints" / "round-0000.safetensors"))
-    last = load_file(str(out / "checkpoints" / "round-0006.safetensors"))
+    last = load_file(str(out / "checkpoints" / "round-0003.safetensors"))
     assert first.keys() == last.keys() and len(first) > 10
     assert all(np.isfinite(v).all() for v in last.values())
     assert any(not np.array_equal(first[k], last[k]) for k in first)
