@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import best_of  # noqa: E402
 from fedmm.core import protocol  # noqa: E402
+from fedmm.core.aggregation import streaming_weighted_mean  # noqa: E402
+from fedmm.core.components import flat_layouts  # noqa: E402
 from strategies.component_fedavg import aggregate_replies  # noqa: E402
 
 # On the wire each component is one flat float32 vector (see fedmm.core.components); a client holding an
@@ -71,6 +73,11 @@ def measure(n: int, p: int, repeats: int) -> dict:
                         for r in replies])
     w = (weights / weights.sum()).astype(np.float32)
     t_floor, _ = best_of(lambda: w @ stacked, repeats)
+    # The streaming weighted mean alone, over the already validated views: what any approach that reads
+    # each reply's own buffer once (no (N, P) copy) costs before validation and bookkeeping.
+    layouts = flat_layouts({c: int(np.prod(s)) for c, s in shapes.items()})
+    t_stream, _ = best_of(lambda: [streaming_weighted_mean(layouts[c], [u.arrays for u in ours.accepted], weights)
+                                   for c in layouts], repeats)
     del stacked, replies
     gc.collect()
     return {
@@ -81,6 +88,8 @@ def measure(n: int, p: int, repeats: int) -> dict:
         "seconds_memory_floor": round(t_floor, 4),
         "ratio_vs_flower_fedavg": round(t_ours / t_flower, 4),
         "ratio_vs_memory_floor": round(t_ours / t_floor, 3),
+        "seconds_streaming_mean_only": round(t_stream, 4),
+        "ratio_streaming_mean_only_vs_memory_floor": round(t_stream / t_floor, 3),
     }
 
 
