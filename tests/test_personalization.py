@@ -175,7 +175,7 @@ def test_a_distilled_student_that_is_worse_on_validation_is_discarded(tmp_path, 
     client.state_store(run, me).save_tensors("personal", initial)
     real_train_local = client.train_local
 
-    def wrecking_distillation(model, data, cfg, lr, seed, device, distill=None, grpo=None):
+    def wrecking_distillation(model, data, cfg, lr, seed, device, distill=None, grpo=None, proximal_mu=0.0):
         if distill is None:  # the teacher's fine-tuning runs for real
             return real_train_local(model, data, cfg, lr, seed, device)
         with torch.no_grad():
