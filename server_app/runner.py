@@ -312,7 +312,8 @@ def _changed_components(old: ArrayRecord, new: ArrayRecord | None) -> int:
     """How many components a round's aggregation moved."""
     if new is None:
         return 0
-    return sum(not np.array_equal(old[k].numpy(), new[k].numpy()) for k in old.keys())
+    before, after = protocol.decode_record(old), protocol.decode_record(new)  # zero-copy views
+    return sum(not np.array_equal(before[k], after[k]) for k in before)
 
 
 def _never_changed(initial: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> list[str]:

@@ -103,6 +103,7 @@ class PerComponentStrategy(ComponentFedAvg):
         self.make = make
         self.name = name
         self.instances: dict[str, Strategy] = {}
+        self._template: Strategy | None = None  # an instance that only ever configures, for train_config
 
     def summary(self) -> None:
         super().summary()
@@ -117,10 +118,10 @@ class PerComponentStrategy(ComponentFedAvg):
 
     def train_config(self, server_round: int) -> dict:
         """The config entries the strategy's own `configure_train` puts in a train message."""
-        template = self.make()
-        with _quiet_flower():
-            messages = list(template.configure_train(server_round, ArrayRecord(), ConfigRecord(),
-                                                     _Holders(max(*_node_minimums(template), 1))))
+        if self._template is None:
+            self._template = self.make()
+        template = self._template
+        messages = _prime(template, server_round, ArrayRecord(), holders=1)
         if not messages:
             return {}
         key = getattr(template, "configrecord_key", protocol.CONFIG)
@@ -141,10 +142,9 @@ class PerComponentStrategy(ComponentFedAvg):
         for component in sorted({c for u in finite for c in u.arrays}):
             holders = [u for u in finite if component in u.arrays]
             strategy = self.instance(component)
+            # The public way a strategy learns the round's global arrays (FedOpt's moments need them).
+            _prime(strategy, server_round, ArrayRecord({VECTOR: Array(sent[component])}), len(holders))
             with _quiet_flower():
-                # The public way a strategy learns the round's global arrays (FedOpt's moments need them).
-                list(strategy.configure_train(server_round, ArrayRecord({VECTOR: Array(sent[component])}),
-                                              ConfigRecord(), _Holders(max(len(holders), *_node_minimums(strategy)))))
                 new, _ = strategy.aggregate_train(server_round, component_replies(
                     [np.asarray(u.arrays[component]) for u in holders],
                     [u.component_weights[component] for u in holders],
@@ -206,9 +206,13 @@ def _train_loss(update: ClientUpdate) -> float:
     return float(np.mean(losses)) if losses else 0.0
 
 
-def _node_minimums(strategy: Strategy) -> tuple[int, int]:
-    """The node counts a strategy's `configure_train` waits for; the stand-in grid offers at least these."""
-    return getattr(strategy, "min_available_nodes", 1), getattr(strategy, "min_train_nodes", 1)
+def _prime(strategy: Strategy, server_round: int, arrays: ArrayRecord, holders: int) -> list[Message]:
+    """`strategy.configure_train` on a stand-in grid of `holders` nodes (at least the counts the strategy
+    waits for), quietly: the messages are never sent, but the strategy records the round's arrays and
+    puts its own train config in them."""
+    nodes = max(holders, getattr(strategy, "min_available_nodes", 1), getattr(strategy, "min_train_nodes", 1))
+    with _quiet_flower():
+        return list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Holders(nodes)))
 
 
 def _arrays_of(value: object) -> dict[str, np.ndarray]:
