@@ -12,6 +12,7 @@ import math
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_apps.dp_clipping import component_clipping_mod
 from client_apps.forwarding import forward_to_worker
 from fedmm.core import protocol
 from fedmm.core.config import config_from_flat
@@ -33,7 +34,8 @@ def _decode(message: Message) -> dict:
 
 
 def make_client_app(run: RunConfig | None = None) -> ClientApp:
-    app = ClientApp(mods=[forward_to_worker])
+    # Clipping is outermost: it sees the reply exactly as it leaves the node, whoever trained it.
+    app = ClientApp(mods=[component_clipping_mod, forward_to_worker])
     resolved: dict[int, RunConfig] = {}  # by run id: a model worker outlives runs
 
     def config(context: Context) -> RunConfig:

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.console import Console
 from safetensors.numpy import load_file
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +42,9 @@ from server_app.adversary import forge_replies
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
-from strategies.robust_baselines import robust_strategy
+from strategies import differential_privacy
+from strategies.defended import DefendedStrategy
+from strategies.robust_baselines import robust_strategy, round_rules
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import node_messages, send_in_batches
 from strategies.per_component import PerComponentStrategy, strategy_arguments
@@ -81,42 +83,87 @@ def _has_experts(run: RunConfig) -> bool:
     return any(is_expert(c) for c in trainable_layouts(server_model(run)))
 
 
+ROBUST_RULES = ("krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
+
+
 def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits | None = None) -> Strategy:
-    """The training strategy named by `strategy.name`, behind the defence `defense.name`, checking
-    replies against `limits` (default: reply_limits(run)); a ConfigError if they cannot serve this run."""
+    """The training strategy named by `strategy.name`, behind the defence `defense.name` and the DP
+    wrapper `dp.name`, checking replies against `limits` (default: reply_limits(run)); a ConfigError
+    if they cannot serve this run. `composition(run)` says the order they apply in."""
     limits = limits or reply_limits(run)
-    base = _base_strategy(run, registry, limits)
-    if run.defense.name == "none":
-        return base
-    if run.defense.name == "trust":
-        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits)
-    if run.strategy.name != "fedmm":
-        raise ConfigError(f"config key 'defense.name'={run.defense.name!r} replaces the aggregation rule of "
-                          f"strategy.name=fedmm; it cannot combine with {run.strategy.name!r}")
-    s = run.strategy
+    s, defense = run.strategy, run.defense.name
     common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes,
                   fraction_evaluate=s.fraction_evaluate, limits=limits)
-    if run.defense.name == "oracle":  # the simulator's truth, as the adversary reads it: a bound, not a defence
+    if defense == "oracle":  # the simulator's truth, as the adversary reads it: a bound, not a defence
+        if s.name != "fedmm":
+            raise ConfigError(f"config key 'defense.name'='oracle' is a bound measured with strategy.name=fedmm, "
+                              f"not with {s.name!r}")
         return OracleExclusion(registry, malicious_clients(run), **common)
-    return robust_strategy(run.defense, registry, run.seed, **common)
+    robust = defense in ROBUST_RULES
+    if s.name == "fedmm" and run.dp.name == "none":  # the fast paths
+        if s.args:
+            raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
+                              "arguments; name a Flower strategy class to pass it some")
+        base = robust_strategy(run.defense, registry, run.seed, **common) if robust else ComponentFedAvg(registry, **common)
+    else:
+        base = _per_component(run, registry, robust, common)
+    if defense == "trust":
+        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits)
+    return base
 
 
-def _base_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits) -> Strategy:
+def _per_component(run: RunConfig, registry: NodeRegistry, robust: bool, common: dict) -> PerComponentStrategy:
+    """One Flower strategy per component: the inner strategy, behind the robust rule, behind DP."""
     s = run.strategy
-    common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes,
-                  fraction_evaluate=s.fraction_evaluate, limits=limits)
     if s.name == "fedmm":
         if s.args:
             raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
                               "arguments; name a Flower strategy class to pass it some")
-        return ComponentFedAvg(registry, **common)
-    cls = _import_strategy(s.name)
-    kwargs = strategy_arguments(cls, s.args)
+        cls, kwargs = FedAvg, {}
+    else:
+        cls = _import_strategy(s.name)
+        kwargs = strategy_arguments(cls, s.args)
+
+    def make() -> Strategy:
+        strategy = cls(**kwargs)
+        if robust:
+            strategy = DefendedStrategy(strategy, run.defense.name)
+        if run.dp.name != "none":
+            strategy = differential_privacy.wrap(run.dp, strategy, run.clients.num)
+        return strategy
+
     try:
         cls(**kwargs)
     except Exception as err:  # the class's own checks of its arguments
         raise ConfigError(f"config key 'strategy.name'={s.name!r}: cannot build it with {kwargs}: {err}") from None
-    return PerComponentStrategy(registry, lambda: cls(**kwargs), cls.__name__, **common)
+    try:
+        make()
+    except ValueError as err:  # Flower's DP wrappers check their settings
+        raise ConfigError(f"config keys 'dp.*' (dp.name={run.dp.name!r}): {err}") from None
+    ledger = None
+    if run.dp.name != "none":
+        why_not = differential_privacy.unaccountable(cls(**kwargs), robust or run.defense.name == "trust")
+        ledger = differential_privacy.PrivacyLedger(run.dp, run.clients.num, why_not)
+    rule_for = round_rules(run.defense, run, run.seed) if robust else None
+    return PerComponentStrategy(registry, make, cls.__name__, rule_for=rule_for, dp=run.dp, ledger=ledger, **common)
+
+
+def composition(run: RunConfig) -> str:
+    """The order the stages apply to a round's replies, e.g. `DP clip (server, fixed) -> krum ->
+    FedAdam -> DP noise`, for the log and the summary."""
+    stages = []
+    dp = run.dp.name
+    if run.defense.name == "trust":
+        stages.append("trust scoring")
+    if dp != "none":
+        stages.append(f"DP clip ({dp.replace('-', ', ')}, per component)")
+    if run.defense.name in ROBUST_RULES + ("oracle",):
+        stages.append(run.defense.name)
+    inner = "FedAvg" if run.strategy.name == "fedmm" and dp != "none" else run.strategy.name.rsplit(".", 1)[-1]
+    stages.append(f"{inner} per component" if inner != "fedmm" else "fedmm per-component mean")
+    if dp != "none":
+        stages.append(f"DP noise ({differential_privacy.wrapper_name(run.dp)})")
+    return " -> ".join(stages)
 
 
 def check_strategy(run: RunConfig) -> None:
@@ -219,6 +266,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     registry.discover(grid)
     discover_s = time.monotonic() - started
     strategy.summary()
+    log(INFO, "aggregation, in order: %s", composition(run))
+    ledger = next((part.ledger for part, _ in _stateful(strategy) if getattr(part, "ledger", None)), None)
     attack = resolve_attack(run.attack)
     malicious = malicious_clients(run)
     malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
@@ -245,6 +294,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         for server_round in range(results.last_round + 1, run.rounds + 1):
             start = time.monotonic()
             random.seed(f"{run.seed}:{server_round}")  # Flower's own strategies sample with `random`
+            np.random.seed((run.seed * 100_003 + server_round) % 2**32)  # ... and draw DP noise with np.random
             progress.update(bar, description=f"training round {server_round}")
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
             replies = send_in_batches(grid, messages, _timeout(run))
@@ -267,6 +317,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                       "train.components-changed": changed, "nodes.refused": len(registry.refused),
                       "uplink.bytes": sum(uplink), "uplink.replies": len(uplink)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
+            if ledger is not None:
+                record["dp.epsilon"] = ledger.report()["epsilon"]
             if isinstance(strategy, TrustScoring):
                 record["trust"] = {str(p): entry for p, entry in sorted(strategy.last_report.items())}
             for part, path in _stateful(strategy):
@@ -288,6 +340,9 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
         results.log_round({"round": run.rounds, "stage": "final", "personal.clients-failed": failed, **final.record})
     summary = summary_dict(run, results.history, full_bytes, trainable_bytes)
     summary["final.per_client"] = {str(k): v for k, v in sorted(final.per_client.items())}
+    summary["strategy.composition"] = composition(run)
+    if ledger is not None:
+        summary["dp"] = ledger.report()
     if attack is not None:
         summary["attack.malicious_clients"] = sorted(malicious)
     if isinstance(strategy, TrustScoring):

@@ -25,26 +25,32 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from safetensors.numpy import load_file, save_file
 
 from fedmm.core import protocol
 from fedmm.core.protocol import ClientUpdate
 from fedmm.core.schema import ConfigError
+from fedmm.core.schema import DpConfig
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
+from strategies.differential_privacy import PrivacyLedger, is_adaptive, is_client_side
 from strategies.nodes import NodeRegistry
 
 VECTOR = "v"  # the one array of a per-component reply
 
 
 def component_replies(vectors: list[np.ndarray], weights: list[float], losses: list[float] | None = None,
-                      loss_key: str = "train_loss") -> list[Message]:
+                      loss_key: str = "train_loss", extra: list[dict[str, float]] | None = None) -> list[Message]:
     """Each holder's vector of one component as the one-array train reply Flower's strategies read;
-    with `losses`, each reply also reports its holder's training loss under `loss_key` (QFedAvg)."""
+    with `losses`, each reply also reports its holder's training loss under `loss_key` (QFedAvg), and
+    with `extra`, further metrics of each reply (the norm bit client-side adaptive clipping reads)."""
     out = []
     for i, (vector, weight) in enumerate(zip(vectors, weights)):
         metrics = MetricRecord({protocol.NUM_EXAMPLES: int(weight)})
         if losses is not None:
             metrics[loss_key] = float(losses[i])
+        if extra is not None:
+            metrics.update(extra[i])
         metadata = Metadata(run_id=0, message_id=f"component-{i}", src_node_id=i + 1, dst_node_id=0,
                             reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
                             message_type="train")
@@ -96,14 +102,25 @@ def _quiet_flower():
 
 
 class PerComponentStrategy(ComponentFedAvg):
-    """`make()` builds one Flower strategy per component; each aggregates its component's holders."""
+    """`make()` builds one Flower strategy per component (the inner strategy, behind a robust rule
+    and a DP wrapper where configured); each aggregates its component's holders.
 
-    def __init__(self, registry: NodeRegistry, make: Callable[[], Strategy], name: str, **kwargs) -> None:
+    `rule_for(round, sent vectors)` gives the round's robust rule to a `DefendedStrategy` layer;
+    `dp` the DP configuration, whose clipping this class checks (client side) and whose privacy
+    `ledger` accounts."""
+
+    def __init__(self, registry: NodeRegistry, make: Callable[[], Strategy], name: str,
+                 rule_for: Callable[[int, Mapping[str, np.ndarray]], Callable] | None = None,
+                 dp: DpConfig | None = None, ledger: PrivacyLedger | None = None, **kwargs) -> None:
         super().__init__(registry, **kwargs)
         self.make = make
         self.name = name
+        self.rule_for = rule_for
+        self.dp = dp if dp is not None and dp.name != "none" else None
+        self.ledger = ledger
         self.instances: dict[str, Strategy] = {}
         self._template: Strategy | None = None  # an instance that only ever configures, for train_config
+        self._norms_sent: dict[str, float] = {}  # client-side DP: the bound each component was sent with
 
     def summary(self) -> None:
         super().summary()
@@ -112,9 +129,14 @@ class PerComponentStrategy(ComponentFedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """fedmm's sampling and messages, carrying whatever train config the strategy itself adds (FedProx's
-        `proximal-mu`, which the client's local training reads)."""
-        return super().configure_train(server_round, arrays, ConfigRecord({**self.train_config(server_round),
-                                                                           **dict(config)}), grid)
+        `proximal-mu`, which the client's local training reads) and, under client-side DP, each
+        component's clipping norm (adaptive clipping moves them apart)."""
+        added = self.train_config(server_round)
+        if self.dp is not None and is_client_side(self.dp):
+            added.pop(KEY_CLIPPING_NORM, None)
+            self._norms_sent = {c: float(self.instance(c).clipping_norm) for c in arrays.keys()}
+            added.update({f"{protocol.CLIPPING_NORM_PREFIX}{c}": n for c, n in self._norms_sent.items()})
+        return super().configure_train(server_round, arrays, ConfigRecord({**added, **dict(config)}), grid)
 
     def train_config(self, server_round: int) -> dict:
         """The config entries the strategy's own `configure_train` puts in a train message."""
@@ -124,7 +146,7 @@ class PerComponentStrategy(ComponentFedAvg):
         messages = _prime(template, server_round, ArrayRecord(), holders=1)
         if not messages:
             return {}
-        key = getattr(template, "configrecord_key", protocol.CONFIG)
+        key = getattr(_innermost(template), "configrecord_key", protocol.CONFIG)
         added = dict(messages[0].content[key]) if key in messages[0].content else {}
         added.pop(protocol.SERVER_ROUND, None)
         return added
@@ -138,17 +160,31 @@ class PerComponentStrategy(ComponentFedAvg):
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
         finite, rejected = drop_nonfinite(updates)
         sent = self.sent_vectors()
-        arrays, declined = {}, []
+        if self.dp is not None and is_client_side(self.dp):
+            finite, unclipped = check_client_clipping(finite, sent, self._norms_sent, is_adaptive(self.dp))
+            rejected += unclipped
+        rule = self.rule_for(server_round, sent) if self.rule_for is not None else None
+        arrays, declined, releases = {}, [], {u.node_id: 0 for u in finite}
         for component in sorted({c for u in finite for c in u.arrays}):
             holders = [u for u in finite if component in u.arrays]
             strategy = self.instance(component)
+            for layer in _layers(strategy):
+                if hasattr(layer, "num_sampled_clients"):  # DP noise is sigma * C / (this round's holders)
+                    layer.num_sampled_clients = len(holders)
+                if hasattr(layer, "use_rule"):  # strategies.defended.DefendedStrategy
+                    layer.use_rule(rule, component)
             # The public way a strategy learns the round's global arrays (FedOpt's moments need them).
             _prime(strategy, server_round, ArrayRecord({VECTOR: Array(sent[component])}), len(holders))
+            # Under DP each holder counts once: the noise is calibrated to an unweighted mean.
+            weights = [1.0 if self.dp else u.component_weights[component] for u in holders]
+            extra = [{KEY_NORM_BIT: u.metrics.get(f"{protocol.NORM_BIT_PREFIX}{component}", 0.0)} for u in holders]
             with _quiet_flower():
                 new, _ = strategy.aggregate_train(server_round, component_replies(
-                    [np.asarray(u.arrays[component]) for u in holders],
-                    [u.component_weights[component] for u in holders],
-                    [_train_loss(u) for u in holders], getattr(strategy, "train_loss_key", "train_loss")))
+                    [np.asarray(u.arrays[component]) for u in holders], weights,
+                    [_train_loss(u) for u in holders], getattr(_innermost(strategy), "train_loss_key", "train_loss"),
+                    extra if self.dp else None))
+            for u in holders:
+                releases[u.node_id] += 1
             if new is None:
                 declined.append(component)
                 continue
@@ -160,6 +196,8 @@ class PerComponentStrategy(ComponentFedAvg):
                 declined.append(component)
                 continue
             arrays[component] = np.ascontiguousarray(vector, dtype=np.float32)
+        if self.ledger is not None and releases:
+            self.ledger.record_round(max(releases.values()), max(len(finite), 1), self.instance(next(iter(arrays or sent))))
         return AggregateResult(arrays, finite, rejected, declined)
 
     def save_state(self, path: str | Path) -> None:
@@ -167,15 +205,20 @@ class PerComponentStrategy(ComponentFedAvg):
         to safetensors, and its plain numbers in the file's metadata, so a resumed run is exact."""
         tensors, scalars = {}, {}
         for component, strategy in sorted(self.instances.items()):
-            for attr, value in vars(strategy).items():
-                for key, array in _arrays_of(value).items():
-                    tensors[f"{component}/{attr}/{key}"] = np.ascontiguousarray(array)
-                if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
-                    scalars[f"{component}/{attr}"] = value
+            for depth, layer in enumerate(_layers(strategy)):
+                for attr, value in vars(layer).items():
+                    where = ".".join(["strategy"] * depth + [attr])  # a wrapper's inner strategy is `.strategy`
+                    for key, array in _arrays_of(value).items():
+                        tensors[f"{component}/{where}/{key}"] = np.ascontiguousarray(array)
+                    if isinstance(value, (bool, int, float)) and not isinstance(value, np.generic):
+                        scalars[f"{component}/{where}"] = value
+        metadata = {"scalars": json.dumps(scalars)}
+        if self.ledger is not None:
+            metadata["privacy"] = self.ledger.state()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"scalars": json.dumps(scalars)})
+        save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
 
     def load_state(self, path: str | Path) -> None:
@@ -184,19 +227,66 @@ class PerComponentStrategy(ComponentFedAvg):
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), framework="numpy") as f:
-                scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+                metadata = f.metadata() or {}
+            scalars = json.loads(metadata.get("scalars", "{}"))
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot restore the strategy's state from {str(path)!r}: {err}") from None
         grouped: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for name, array in tensors.items():
-            component, attr, key = name.split("/", 2)
-            grouped.setdefault((component, attr), {})[key] = array
-        for (component, attr), arrays in grouped.items():
-            strategy = self.instance(component)
-            setattr(strategy, attr, _restored(arrays))
+            component, where, key = name.split("/", 2)
+            grouped.setdefault((component, where), {})[key] = array
+        for (component, where), arrays in grouped.items():
+            _set_at(self.instance(component), where, _restored(arrays))
         for name, value in scalars.items():
-            component, attr = name.split("/", 1)
-            setattr(self.instance(component), attr, value)
+            component, where = name.split("/", 1)
+            _set_at(self.instance(component), where, value)
+        if self.ledger is not None and "privacy" in metadata:
+            self.ledger.restore(metadata["privacy"])
+
+
+def check_client_clipping(updates: list[ClientUpdate], sent: Mapping[str, np.ndarray], norms: Mapping[str, float],
+                          need_norm_bits: bool) -> tuple[list[ClientUpdate], list]:
+    """Client-side DP trusts each node to clip; the server checks it did: every component's update
+    within the norm it was sent (float32 rounding aside) and, under adaptive clipping, a 0/1 norm bit
+    for it. A node that did not is dropped from the round."""
+    kept, rejected = [], []
+    for u in updates:
+        problem = None
+        for component, vector in u.arrays.items():
+            norm = float(np.linalg.norm(np.asarray(vector, dtype=np.float64) - sent[component]))
+            bound = norms.get(component, 0.0)
+            if norm > bound * (1 + 1e-4) + 1e-6:
+                problem = f"{component} update norm {norm:.4g} exceeds its clipping norm {bound:.4g}"
+                break
+            bit = u.metrics.get(f"{protocol.NORM_BIT_PREFIX}{component}")
+            if need_norm_bits and bit not in (0.0, 1.0):
+                problem = f"no 0/1 {protocol.NORM_BIT_PREFIX}{component} for adaptive clipping (got {bit!r})"
+                break
+        if problem is None:
+            kept.append(u)
+        else:
+            rejected.append((u.node_id, "unclipped", f"node {u.node_id}: {problem}"))
+    return kept, rejected
+
+
+def _layers(strategy: Strategy) -> list[Strategy]:
+    """A strategy and what it wraps, outermost first (Flower's wrappers keep the inner one as `.strategy`)."""
+    out = [strategy]
+    while isinstance(getattr(out[-1], "strategy", None), Strategy):
+        out.append(out[-1].strategy)
+    return out
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    return _layers(strategy)[-1]
+
+
+def _set_at(strategy: Strategy, where: str, value: object) -> None:
+    *path, attr = where.split(".")
+    target = strategy
+    for step in path:
+        target = getattr(target, step)
+    setattr(target, attr, value)
 
 
 def _train_loss(update: ClientUpdate) -> float:
@@ -210,7 +300,9 @@ def _prime(strategy: Strategy, server_round: int, arrays: ArrayRecord, holders: 
     """`strategy.configure_train` on a stand-in grid of `holders` nodes (at least the counts the strategy
     waits for), quietly: the messages are never sent, but the strategy records the round's arrays and
     puts its own train config in them."""
-    nodes = max(holders, getattr(strategy, "min_available_nodes", 1), getattr(strategy, "min_train_nodes", 1))
+    # Every layer's counts: a wrapper's inner strategy would otherwise wait forever for more nodes.
+    nodes = max([holders] + [getattr(layer, attr, 1) for layer in _layers(strategy)
+                             for attr in ("min_available_nodes", "min_train_nodes")])
     with _quiet_flower():
         return list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Holders(nodes)))
 

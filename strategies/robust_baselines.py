@@ -102,21 +102,20 @@ def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Ma
     return out, declined
 
 
+RoundRules = Callable[[int, Mapping[str, np.ndarray]], ComponentRule]  # (round, sent vectors) -> that round's rule
+
+
 class RobustComponentStrategy(ComponentFedAvg):
     """ComponentFedAvg's sampling and validation, with a robust rule in place of the weighted mean."""
 
-    def __init__(self, registry: NodeRegistry, rule: ComponentRule, name: str, **kwargs) -> None:
+    def __init__(self, registry: NodeRegistry, rule_for: RoundRules, name: str, **kwargs) -> None:
         super().__init__(registry, **kwargs)
-        self.rule = rule
+        self.rule_for = rule_for
         self.name = name
 
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> aggregation rule per component: %s", self.name)
-
-    def rule_for(self, server_round: int, sent: Mapping[str, np.ndarray]) -> ComponentRule:
-        """The rule of this round (a subclass may build it from the round's global model)."""
-        return self.rule
 
     def combine(self, server_round: int, updates: list[ClientUpdate],
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
@@ -134,35 +133,29 @@ def fltrust_weights(deltas: np.ndarray, server_delta: np.ndarray) -> tuple[np.nd
     return np.maximum(cos, 0.0), deltas * (g_norm / np.maximum(norms, 1e-12))[:, None]
 
 
-class FLTrustStrategy(RobustComponentStrategy):
-    """FLTrust per component: the server's own update on its root set (`root_update`) is the yardstick."""
+def fltrust_rule(server: Mapping[str, np.ndarray]) -> ComponentRule:
+    """FLTrust per component, against the server's own update on its root set this round."""
 
-    def __init__(self, registry: NodeRegistry, root_update: Callable[[Mapping[str, np.ndarray], int], dict],
-                 **kwargs) -> None:
-        super().__init__(registry, rule=None, name="fltrust", **kwargs)  # type: ignore[arg-type]
-        self.root_update = root_update
+    def rule(_round: int, component: str, vectors: list[np.ndarray], weights: list[float], base: np.ndarray):
+        trust, rescaled = fltrust_weights(np.stack(vectors) - base, server[component])
+        if trust.sum() <= 0:
+            return None
+        return (base + (trust / trust.sum()).astype(np.float32) @ rescaled).astype(np.float32)
 
-    def rule_for(self, server_round: int, sent: Mapping[str, np.ndarray]) -> ComponentRule:
-        server = self.root_update(sent, server_round)
+    return rule
 
-        def rule(_round: int, component: str, vectors: list[np.ndarray], weights: list[float], base: np.ndarray):
-            trust, rescaled = fltrust_weights(np.stack(vectors) - base, server[component])
-            if trust.sum() <= 0:
-                return None
-            return (base + (trust / trust.sum()).astype(np.float32) @ rescaled).astype(np.float32)
 
-        return rule
+def round_rules(defense: DefenseConfig, run, seed: int) -> RoundRules:
+    """The rule of each round that `defense.name` names; FLTrust's is rebuilt each round from the
+    server's update on its root set (`fedmm.robustness.root_update`)."""
+    if defense.name == "fltrust":
+        from fedmm.robustness.root_update import root_update
+
+        return lambda server_round, sent: fltrust_rule(root_update(run, sent, server_round))
+    rule = flame_rule(seed=seed) if defense.name == "flame" else flower_rule(defense.name, defense)
+    return lambda server_round, sent: rule
 
 
 def robust_strategy(defense: DefenseConfig, registry: NodeRegistry, seed: int, **kwargs) -> RobustComponentStrategy:
     """The baseline `defense.name` names, per component."""
-    if defense.name == "fltrust":
-        from fedmm.robustness.root_update import root_update
-
-        run = registry.run
-        return FLTrustStrategy(registry, lambda vectors, r: root_update(run, vectors, r), **kwargs)
-    if defense.name == "flame":
-        rule = flame_rule(seed=seed)
-    else:
-        rule = flower_rule(defense.name, defense)
-    return RobustComponentStrategy(registry, rule, defense.name, **kwargs)
+    return RobustComponentStrategy(registry, round_rules(defense, registry.run, seed), defense.name, **kwargs)

@@ -16,7 +16,11 @@ import pytest
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).parents[1]
-CONFIG = {"clients.num": 3, "rounds": 2, "data.examples_per_task": 300, "train.local_steps": 5, "seed": 3}
+# A Flower strategy with an argument, behind client-side DP: the proximal term, the node's clipping mod,
+# the seeded DP noise and the privacy ledger all have to come out the same both ways.
+CONFIG = {"clients.num": 3, "rounds": 2, "data.examples_per_task": 300, "train.local_steps": 5, "seed": 3,
+          "strategy.name": "flwr.serverapp.strategy.FedProx", "strategy.args": "proximal_mu=0.01",
+          "dp.name": "client-fixed", "dp.clipping_norm": 5.0, "dp.noise_multiplier": 0.01}
 
 
 def _free_port() -> int:
@@ -57,7 +61,7 @@ def superlink(tmp_path_factory):
 
 
 def _run_config(out: Path) -> str:
-    return " ".join([f'out="{out}"'] + [f"{k}={v}" for k, v in CONFIG.items()])
+    return " ".join([f'out="{out}"'] + [f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in CONFIG.items()])
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +103,10 @@ def test_flwr_run_matches_fedmm_simulate(superlink, flwr_run, tmp_path):
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
     summary_a = json.loads((flwr_out / "summary.json").read_text())
     summary_b = json.loads((sim_out / "summary.json").read_text())
+    assert summary_a["strategy.composition"] == summary_b["strategy.composition"] == (
+        "DP clip (client, fixed, per component) -> FedProx per component -> DP noise "
+        "(DifferentialPrivacyClientSideFixedClipping)")
+    assert summary_a["dp"]["epsilon"] == pytest.approx(summary_b["dp"]["epsilon"]) and summary_a["dp"]["epsilon"] > 0
     accuracies = [k for k in summary_a if k.endswith(".accuracy")]
     assert accuracies and all(summary_a[k] == pytest.approx(summary_b[k], abs=1e-9) for k in accuracies)
 

@@ -12,6 +12,7 @@ from fedmm.core.config import load_config
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.results import RunFailed
 from server_app.runner import run_federation
+from strategies import NodeRegistry
 from strategies.robust_baselines import assumed_attackers, flame_rule, flower_rule, fltrust_weights
 
 RNG = np.random.default_rng(0)
@@ -94,11 +95,18 @@ def test_bulyan_declines_a_component_it_cannot_aggregate_and_the_run_says_so(tmp
     assert run_federation(LocalGrid(make_client_app(run), 5), run)["status"] == "completed"
 
 
-def test_a_baseline_cannot_combine_with_a_plain_flower_strategy(tmp_path):
-    from fedmm.core.schema import ConfigError
-    from server_app.runner import check_strategy
+def test_a_baseline_stands_in_front_of_a_flower_strategy_and_the_oracle_refuses_one(tmp_path):
+    from flwr.serverapp.strategy import FedAvgM
 
-    run = load_config(overrides=[*FAST, "clients.profiles.all=img_shape", "defense.name=krum",
-                                 "strategy.name=flwr.serverapp.strategy.FedAvg", f"out={tmp_path}"])
-    with pytest.raises(ConfigError, match="defense.name"):
-        check_strategy(run)
+    from fedmm.core.schema import ConfigError
+    from server_app.runner import build_strategy, check_strategy
+    from strategies.defended import DefendedStrategy
+
+    flower = [*FAST, "clients.profiles.all=img_shape", "strategy.name=flwr.serverapp.strategy.FedAvgM", f"out={tmp_path}"]
+    run = load_config(overrides=[*flower, "defense.name=krum"])
+    instance = build_strategy(run, NodeRegistry(run)).make()
+    assert isinstance(instance, DefendedStrategy) and isinstance(instance.strategy, FedAvgM)
+    oracle = load_config(overrides=[*flower, "defense.name=oracle", "attack.name=backdoor", "attack.fraction=0.2"])
+    with pytest.raises(ConfigError, match="oracle"):
+        check_strategy(oracle)
+

@@ -32,6 +32,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "defense.name": DEFENSES,
     "moe.fusion_ffn": ("full", "lora", "experts"),
     "moe.routing": ("topk", "grpo"),
+    "dp.name": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
 }
 
 
@@ -311,6 +312,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("config key 'strategy.name' must not be empty")
     _validate_attack_and_defense(run)
     _validate_moe(run)
+    _validate_dp(run)
     most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
     if 0 < run.train.local_steps < most_tasks:
         raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
@@ -396,6 +398,19 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
                                   f"({specs[task].num_classes} classes)")
     if not 0 <= d.trim_fraction < 0.5:
         raise ConfigError(f"config key 'defense.trim_fraction' must be in [0, 0.5), got {d.trim_fraction}")
+
+
+def _validate_dp(run: RunConfig) -> None:
+    dp = run.dp
+    _positive("dp.noise_multiplier", dp.noise_multiplier, allow_zero=True)
+    _positive("dp.clipping_norm", dp.clipping_norm)
+    _fraction("dp.target_quantile", dp.target_quantile)
+    _positive("dp.clip_norm_lr", dp.clip_norm_lr)
+    _positive("dp.clipped_count_stddev", dp.clipped_count_stddev, allow_zero=True)
+    if not 0 < dp.delta < 1:
+        raise ConfigError(f"config key 'dp.delta' must be in (0, 1), got {dp.delta}")
+    if dp.name != "none" and run.defense.name == "oracle":
+        raise ConfigError("config key 'dp.name' cannot wrap defense.name=oracle (a bound, not a strategy)")
 
 
 def _validate_moe(run: RunConfig) -> None:

@@ -39,6 +39,8 @@ VIEW_PREFIXES = {"global": "", "personal": PERSONAL_PREFIX, "backdoor": BACKDOOR
 ROUTED_PREFIX = "routed."  # routed.<modality>.<expert component>: tokens routed to that expert in training
 ROUTING_ENTROPY = "routing-entropy"  # mean entropy of the routers' distributions over routed tokens
 REPLACED_PREFIX = "replaced."  # replaced.<task>: 1 when TAP copied that task's path this round
+CLIPPING_NORM_PREFIX = "clipping-norm."  # clipping-norm.<component>: the bound a client clips that update to (client-side DP)
+NORM_BIT_PREFIX = "norm-bit."  # norm-bit.<component>: 1 when the client's clipping cut that update (adaptive DP)
 DISTILL = "train.distill"  # the post-FL distillation message type
 
 DTYPE = np.dtype("<f4")
@@ -211,7 +213,8 @@ def _reply_schema(components: tuple[str, ...]) -> tuple[tuple[tuple[str, str], .
     tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
     routed = {routed_key(m, c) for c in components if is_expert(c) for m in _routing_modalities(c, list(components))}
     allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {key for _, key in count_keys} | {
-        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed
+        f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed | {
+        f"{NORM_BIT_PREFIX}{c}" for c in components}
     if routed:
         allowed.add(ROUTING_ENTROPY)
     return count_keys, frozenset(allowed), any(is_expert(c) for c in components)

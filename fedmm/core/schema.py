@@ -163,6 +163,19 @@ class DefenseConfig:
 
 
 @dataclass
+class DpConfig:
+    # Central differential privacy: Flower's clipping wrapper around each component's strategy.
+    # none | server-fixed | server-adaptive | client-fixed | client-adaptive (client-side: the node clips)
+    name: str = "none"
+    noise_multiplier: float = 1.0  # sigma: noise std over the clipping norm (adaptive: update and count noise together)
+    clipping_norm: float = 1.0  # fixed: the bound on each component's update norm; adaptive: its starting value
+    target_quantile: float = 0.5  # adaptive: share of updates the norm should leave unclipped
+    clip_norm_lr: float = 0.2  # adaptive: step of the norm's geometric update
+    clipped_count_stddev: float = 0.0  # adaptive: noise on the count of clipped updates; 0 = Flower's default (clients / 20)
+    delta: float = 1e-5  # the delta at which the run's epsilon is reported
+
+
+@dataclass
 class MoEConfig:
     # The fusion block's feed-forward part: full (trained outright), lora (frozen, one LoRA adapter),
     # experts (frozen, `num_experts` LoRA experts behind a modality-aware top-k router).
@@ -194,6 +207,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
 
 
 # `oracle` is no defence: it leaves out exactly the simulated attackers, the bound for any defence that drops clients.
