@@ -92,7 +92,7 @@ def unaccountable(inner: Strategy, defended: bool) -> str | None:
     """Why the accountant's guarantee would not hold for this composition, or None when it does: the
     noise sigma * C / n bounds one client's influence only on a plain mean of the clipped updates."""
     if defended:
-        return "a robust rule before the mean changes one client's influence beyond C / n"
+        return "a defence before the mean (trust scoring or a robust rule) changes one client's influence beyond C / n"
     if not (isinstance(inner, FedAvg) and type(inner).aggregate_train is FedAvg.aggregate_train):
         return f"{type(inner).__name__} does not aggregate by FedAvg's mean, so C / n does not bound one client"
     return None
