@@ -7,7 +7,7 @@ final global accuracy averaged over tasks; attack success is the backdoor succes
 test inputs whose true label is not the target, classified as the target) where the attack plants
 a backdoor. The `none` row poisons nothing but still measures the trigger: its success there is the
 base rate a defence cannot go below (a model's errors that happen to fall on the target class). A
-run whose folder holds a finished run with the same config is read back.
+run whose folder holds a finished run of the same config and code version is read back.
 
 The full grid is 10 x 9 runs per seed at the default model (hours on 2 CPUs); `--attacks` and
 `--defenses` pick a part of it, and `--small` shrinks the model and the data for a quick pass.
@@ -29,18 +29,21 @@ from benchmarks.runs import simulate_cached  # noqa: E402
 from fedmm.robustness.attacks import ATTACKS  # noqa: E402
 from fedmm.core.config import DEFENSES  # noqa: E402
 
-ATTACK_NAMES = ("none", *ATTACKS)
+# A user's attack by module:function: the data backdoor, with updates that imitate benign statistics.
+USER_ATTACKS = {"mimicry": ["attack.name=benchmarks.user_attack:backdoor_mimicry", "attack.data=backdoor"]}
+ATTACK_NAMES = ("none", *ATTACKS, *USER_ATTACKS)
 SETTING = ["clients.num=20", "data.dirichlet_alpha=0.5", "rounds=20", "data.examples_per_task=3000"]
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "train.local_steps=15", "rounds=12"]
 TASKS = ("img_shape", "txt_color", "vqa")
 
 
 def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -> dict:
-    overrides = [*SETTING, f"defense.name={defense}", f"seed={seed}", *extra]
+    # allow_degraded: a run whose defence froze a component is recorded and flagged in the table, not fatal.
+    overrides = [*SETTING, f"defense.name={defense}", f"seed={seed}", "strategy.allow_degraded=true", *extra]
     if attack == "none":  # nobody poisons; the trigger is still measured: its base rate
         overrides += ["attack.name=backdoor", "attack.data=none", "attack.fraction=0.3"]
     else:
-        overrides += [f"attack.name={attack}", "attack.fraction=0.3"]
+        overrides += [*USER_ATTACKS.get(attack, [f"attack.name={attack}"]), "attack.fraction=0.3"]
     summary = simulate_cached(out / f"{attack}-{defense}-seed{seed}", overrides)
     result = {
         "attack": attack, "defense": defense, "seed": seed,
@@ -48,14 +51,18 @@ def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -
         "attack_success": summary.get("final.attack.success_rate"),
         "detection_precision": summary.get("detection.precision"),
         "detection_recall": summary.get("detection.recall"),
+        "problems": summary.get("problems", []),
     }
     print(json.dumps(result), flush=True)
     return result
 
 
 def _cell(values: list[float | None]) -> str:
+    """Mean, and ± the standard deviation over seeds where there are several."""
     values = [v for v in values if v is not None]
-    return f"{np.mean(values):.3f}" if values else "–"
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if len(values) > 1 else "")
 
 
 def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
@@ -73,6 +80,9 @@ def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
             asr = [r["attack_success"] for r in mine if r["attack_success"] is not None]
             success[defense] = float(np.mean(asr)) if asr else None
             cells.append(f"{acc} / {_cell(asr)}")
+            if any(r.get("problems") for r in mine):
+                # A model that stopped learning also stops learning the backdoor: not a defence's success.
+                cells[-1] += " (frozen)"
         if attack != "none" and "trust" in defenses and success.get("trust") is not None:
             others = [v for d, v in success.items() if d not in ("trust", "none", "oracle") and v is not None]
             i = defenses.index("trust")
@@ -101,7 +111,9 @@ def main() -> None:
     setting = " ".join([*SETTING, *extra, "attack.fraction=0.3"])
     md = (f"Clean accuracy (mean over tasks) / attack success rate, mean over {args.seeds} seed(s); "
           f"`{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
-          f"baseline holds the attack lower. The `none` row poisons nothing: its success is the "
+          f"baseline holds the attack lower; (frozen): in some seed the defence left a component unchanged for "
+          f"the whole run or a round without enough usable replies, so its low attack success is no "
+          f"evidence. The `none` row poisons nothing: its success is the "
           f"trigger's base rate. `oracle` leaves out exactly the attackers: the best any defence "
           f"that drops clients can do.\n\n{table(results, args.attacks, args.defenses)}\n")
     (out / "robustness.md").write_text(md)

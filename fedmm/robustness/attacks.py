@@ -106,11 +106,19 @@ def alie_z(num_clients: int, num_malicious: int) -> float:
     return float(normal_dist.ppf(min(max(num_clients - supporters, 1) / num_clients, 1 - 0.5 / num_clients)))
 
 
+# ALIE's attackers each add noise of this share of the per-coordinate std, so no two send the same
+# vector: identical replies are a giveaway no real attacker would leave.
+ALIE_JITTER = 0.1
+
+
 def alie(deltas: np.ndarray, ctx: AttackContext) -> np.ndarray:
-    """"A little is enough": every attacker sends mean - z × std of the colluders' honest updates."""
+    """"A little is enough": every attacker sends mean - z × std of the colluders' honest updates,
+    plus its own small jitter (ALIE_JITTER × std per coordinate)."""
     z = ctx.config.alie_z or alie_z(ctx.num_sampled, deltas.shape[0])
-    forged = deltas.mean(axis=0) - z * deltas.std(axis=0)
-    return np.broadcast_to(forged, deltas.shape).astype(np.float32)
+    std = deltas.std(axis=0)
+    forged = deltas.mean(axis=0) - z * std
+    jitter = ctx.rng.standard_normal(deltas.shape) * (ALIE_JITTER * std)
+    return (forged + jitter).astype(np.float32)
 
 
 @dataclass(frozen=True)
