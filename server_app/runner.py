@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmm.core import protocol
 from fedmm.robustness.attacks import malicious_clients, resolve_attack
+from fedmm.core.config import DEFENSES
 from fedmm.core.schema import ConfigError, RunConfig
 from fedmm.core.components import flatten, is_expert, unflatten
 from fedmm.models.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
@@ -83,7 +84,8 @@ def _has_experts(run: RunConfig) -> bool:
     return any(is_expert(c) for c in trainable_layouts(server_model(run)))
 
 
-ROBUST_RULES = ("krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame")
+# The defences that replace the mean by a rule per component (trust scoring wraps a strategy instead).
+ROBUST_RULES = tuple(d for d in DEFENSES if d not in ("none", "trust", "oracle"))
 
 
 def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits | None = None) -> Strategy:
@@ -99,11 +101,11 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
             raise ConfigError(f"config key 'defense.name'='oracle' is a bound measured with strategy.name=fedmm, "
                               f"not with {s.name!r}")
         return OracleExclusion(registry, malicious_clients(run), **common)
+    if s.name == "fedmm" and s.args:
+        raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
+                          "arguments; name a Flower strategy class to pass it some")
     robust = defense in ROBUST_RULES
     if s.name == "fedmm" and run.dp.name == "none":  # the fast paths
-        if s.args:
-            raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
-                              "arguments; name a Flower strategy class to pass it some")
         base = robust_strategy(run.defense, registry, run.seed, **common) if robust else ComponentFedAvg(registry, **common)
     else:
         base = _per_component(run, registry, robust, common)
@@ -116,9 +118,6 @@ def _per_component(run: RunConfig, registry: NodeRegistry, robust: bool, common:
     """One Flower strategy per component: the inner strategy, behind the robust rule, behind DP."""
     s = run.strategy
     if s.name == "fedmm":
-        if s.args:
-            raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
-                              "arguments; name a Flower strategy class to pass it some")
         cls, kwargs = FedAvg, {}
     else:
         cls = _import_strategy(s.name)

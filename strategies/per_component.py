@@ -30,8 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedmm.core import protocol
 from fedmm.core.protocol import ClientUpdate
-from fedmm.core.schema import ConfigError
-from fedmm.core.schema import DpConfig
+from fedmm.core.schema import ConfigError, DpConfig
 from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
 from strategies.differential_privacy import PrivacyLedger, is_adaptive, is_client_side
 from strategies.nodes import NodeRegistry
@@ -177,12 +176,13 @@ class PerComponentStrategy(ComponentFedAvg):
             _prime(strategy, server_round, ArrayRecord({VECTOR: Array(sent[component])}), len(holders))
             # Under DP each holder counts once: the noise is calibrated to an unweighted mean.
             weights = [1.0 if self.dp else u.component_weights[component] for u in holders]
-            extra = [{KEY_NORM_BIT: u.metrics.get(f"{protocol.NORM_BIT_PREFIX}{component}", 0.0)} for u in holders]
+            extra = [{KEY_NORM_BIT: u.metrics.get(f"{protocol.NORM_BIT_PREFIX}{component}", 0.0)}
+                     for u in holders] if self.dp else None
             with _quiet_flower():
                 new, _ = strategy.aggregate_train(server_round, component_replies(
                     [np.asarray(u.arrays[component]) for u in holders], weights,
                     [_train_loss(u) for u in holders], getattr(_innermost(strategy), "train_loss_key", "train_loss"),
-                    extra if self.dp else None))
+                    extra))
             for u in holders:
                 releases[u.node_id] += 1
             if new is None:
