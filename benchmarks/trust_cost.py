@@ -3,7 +3,8 @@
 One component of P parameters in ten tensors, N clients (30% of them sending scaled updates), stacked
 as an (N, P) float32 matrix of updates. Times are the best of --repeats runs, measured side by side
 in one process; peak memory is what numpy allocates during a call (tracemalloc), relative to the
-stacked updates. Prints one JSON line:
+stacked updates. The behaviour check (a model per client, not a matrix) is timed apart, in seconds per
+client at the default model size. Prints one JSON line:
 
     python benchmarks/trust_cost.py --clients 1000 --params 1000000
 """
@@ -69,12 +70,36 @@ def krum_seconds(deltas: np.ndarray, sent: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def behaviour_seconds_per_client(clients: int) -> float:
+    """The behaviour check's seconds per client on CPU at the default model size: each client one of
+    the three default profiles, its model the initial global one moved by a small random update."""
+    from fedmm.core.config import load_config
+    from fedmm.models.model import client_components, initial_global_vectors
+    from fedmm.robustness.root_update import behaviour_check
+
+    run = load_config()
+    check = behaviour_check(run)
+    sent = initial_global_vectors(run)
+    rng = np.random.default_rng(3)
+    profiles = list(run.clients.profiles.values())
+    models = {}
+    for c in range(clients):
+        mine = client_components(list(profiles[c % len(profiles)]), run)
+        models[c] = {k: sent[k] + 0.01 * rng.standard_normal(sent[k].shape).astype(np.float32) for k in mine}
+    check.strengths(sent, {0: models[0]})  # first call: lazy imports and allocations
+    start = time.perf_counter()
+    check.strengths(sent, models)
+    return (time.perf_counter() - start) / clients
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-krum", action="store_true", help="Krum's O(N^2 P) distances take minutes at N=1000")
+    parser.add_argument("--behaviour-clients", type=int, default=6,
+                        help="client models the behaviour check scores at the default model size (0: skip)")
     args = parser.parse_args()
     n = args.clients
     deltas, sent, layout = make_updates(n, args.params)
@@ -105,6 +130,8 @@ def main() -> None:
         t_krum = krum_seconds(deltas, sent)
         result["seconds_flower_krum"] = round(t_krum, 3)
         result[f"krum_ratio_vs_weighted_mean_n{n}"] = round(t_krum / t_mean, 2)
+    if args.behaviour_clients:
+        result["behaviour_seconds_per_client_cpu"] = round(behaviour_seconds_per_client(args.behaviour_clients), 3)
     print(json.dumps(result))
 
 

@@ -45,6 +45,7 @@ from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
 from strategies import differential_privacy
 from strategies.defended import DefendedStrategy
+from fedmm.robustness.root_update import behaviour_check
 from strategies.robust_baselines import robust_strategy, round_rules
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import node_messages, send_in_batches
@@ -110,7 +111,8 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
     else:
         base = _per_component(run, registry, robust, common)
     if defense == "trust":
-        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits)
+        return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits,
+                            behaviour=lambda: behaviour_check(run))
     return base
 
 

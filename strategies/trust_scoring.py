@@ -2,15 +2,18 @@
 
 Before the inner strategy aggregates, every training reply is validated and every update scored
 (`fedmm.robustness.trust`): stage 1 ranks clients by a multi-indicator trust score into trusted / suspicious /
-rejected, stage 2 inspects the suspicious ones layer by layer against the trusted ones, and a
-reputation kept per client id (its partition id, stable across rounds and restarts) drops clients
-that keep failing. The inner strategy then aggregates only the replies that count.
+rejected, stage 2 inspects the suspicious ones layer by layer against the trusted ones, the behaviour
+check (`fedmm.robustness.behaviour`) searches each client's model for a universal trigger on the
+server's clean root set, and a reputation kept per client id (its partition id, stable across rounds
+and restarts) drops clients that keep failing. The inner strategy then aggregates only the replies
+that count.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from fedmm.core import protocol
 from fedmm.core.components import ComponentLayout
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate, ReplyLimits
+from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers
 from fedmm.robustness.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
@@ -45,8 +49,10 @@ class TrustScoring(Strategy):
     """Decides which updates count; `inner` aggregates them."""
 
     def __init__(self, inner: Strategy, registry: NodeRegistry, defense: DefenseConfig,
-                 layouts: Mapping[str, ComponentLayout], limits: ReplyLimits | None = None) -> None:
+                 layouts: Mapping[str, ComponentLayout], limits: ReplyLimits | None = None,
+                 behaviour: Callable[[], BehaviourCheck] | None = None) -> None:
         self.inner = inner
+        self._behaviour_factory = behaviour  # built on first use: the model and root set load once
         self.layouts = dict(layouts)  # component -> its named tensors (indicators and inspection read them)
         self.registry = registry
         self.defense = defense
@@ -55,6 +61,7 @@ class TrustScoring(Strategy):
         self.last_report: dict[int, dict] = {}  # partition id -> what the defence saw and decided
         self._sent: dict[int, tuple[str, ...]] = {}
         self._vectors: dict[str, np.ndarray] = {}
+        self._behaviour: BehaviourCheck | None = None
 
     def summary(self) -> None:
         d = self.defense
@@ -77,19 +84,24 @@ class TrustScoring(Strategy):
         partition = {n.node_id: n.partition_id for n in self.registry.nodes()}
         updates = {partition[u.node_id]: u for u in accepted if u.node_id in partition}
         d = self.defense
+        started = time.perf_counter()
+        strength = self._strengths(updates)
+        behaviour_seconds = time.perf_counter() - started
         rng = np.random.default_rng([self.registry.run.seed, server_round, 0x7757])
         decision = decide_round(stack_deltas(updates, self._vectors), self._vectors, self.layouts,
                                 self.reputation, server_round, rng,
                                 trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
                                 warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm,
-                                consensus_weight=d.consensus_weight)
+                                consensus_weight=d.consensus_weight,
+                                behaviour=behaviour_outliers(strength, d.behaviour_margin),
+                                strikes=d.behaviour_strikes)
         node_of = {p: u.node_id for p, u in updates.items()}
         for p, reason in sorted(decision.dropped.items()):
             log(WARNING if reason.split(":")[0] in ("non-finite", "zero-update", "absurd-norm", "duplicate")
                 else INFO, "round %d: trust scoring leaves out client %d (%s)", server_round, p, reason)
         log_rejections(server_round, rejected)
-        self.last_report = self._report(decision, rejected, partition)
+        self.last_report = self._report(decision, rejected, partition, strength)
         kept_nodes = {node_of[p] for p in decision.aggregated}
         kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
@@ -101,9 +113,22 @@ class TrustScoring(Strategy):
         for reason in ("trusted", "suspicious", "rejected"):
             metrics[f"trust.{reason}"] = sum(c == reason for c in decision.category.values())
         metrics["trust.dropped"] = len(decision.dropped)
+        if strength:
+            metrics["trust.behaviour_caught"] = sum(r.startswith("behaviour") for r in decision.dropped.values())
+            metrics["trust.behaviour_seconds_per_client"] = behaviour_seconds / len(strength)
         return arrays, metrics
 
-    def _report(self, decision: RoundDecision, rejected, partition) -> dict[int, dict]:
+    def _strengths(self, updates: Mapping[int, ClientUpdate]) -> dict[int, dict[str, float]]:
+        """The behaviour check's trigger strengths of the clients whose update is finite (the input
+        screen drops the others); empty when the check is off."""
+        if not self.defense.behaviour or self._behaviour_factory is None:
+            return {}
+        if self._behaviour is None:
+            self._behaviour = self._behaviour_factory()
+        finite = {p: u.arrays for p, u in updates.items() if all(np.isfinite(v).all() for v in u.arrays.values())}
+        return self._behaviour.strengths(self._vectors, finite)
+
+    def _report(self, decision: RoundDecision, rejected, partition, strength) -> dict[int, dict]:
         report: dict[int, dict] = {}
         for p, cat in decision.category.items():
             indicators = {f"{c}.{name}": float(values[result.client_ids.index(p)])
@@ -111,7 +136,8 @@ class TrustScoring(Strategy):
                           for name, values in result.indicators.items()}
             report[p] = {"trust": decision.trust[p], "consensus": decision.consensus.get(p), "category": cat,
                          "decision": "aggregated" if p in decision.aggregated else decision.dropped.get(p, ""),
-                         "inspection": decision.inspection.get(p), "indicators": indicators}
+                         "inspection": decision.inspection.get(p), "indicators": indicators,
+                         "behaviour": strength.get(p)}
         for p, reason in decision.dropped.items():
             report.setdefault(p, {"trust": None, "category": "unscored", "decision": reason})
         for node, kind, detail in rejected:
@@ -121,6 +147,7 @@ class TrustScoring(Strategy):
             entry["reputation"] = self.reputation.points.get(p, 0)
             entry["participations"] = self.reputation.participations.get(p, 0)
             entry["reputation_rate"] = self.reputation.rate(p)
+            entry["times_caught"] = self.reputation.times_caught(p)
         return report
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -15,7 +15,8 @@ from strategies import NodeRegistry
 from strategies.trust_scoring import TrustScoring
 
 FAST = ["clients.num=6", "data.examples_per_task=480", "model.image_encoder=", "model.text_encoder=", "model.hidden_size=32", "model.intermediate_size=64",
-        "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8", "defense.name=trust"]
+        "model.fusion_dim=16", "rounds=2", "train.local_steps=3", "train.batch_size=8", "defense.name=trust",
+        "defense.behaviour=false"]  # the statistical stages; the behaviour check: test_behaviour.py and below
 ONE_PROFILE = ["clients.profiles.all=img_shape"]
 
 
@@ -38,7 +39,7 @@ def _scale(factor):
 
 
 def test_every_client_round_is_reported_and_a_blown_up_update_is_left_out(tmp_path):
-    run = fast_run(tmp_path)
+    run = fast_run(tmp_path, "defense.behaviour=true", "defense.behaviour_examples=8")
     grid = LocalGrid(make_client_app(run), 6, tamper={4: _scale(1e4)})
     summary = run_federation(grid, run)
     for record in rounds(tmp_path / "out"):
@@ -49,6 +50,9 @@ def test_every_client_round_is_reported_and_a_blown_up_update_is_left_out(tmp_pa
         assert scored["category"] in ("trusted", "suspicious", "rejected")
         assert 0 <= scored["trust"] <= 1 and scored["reputation"] >= 0
         assert any(k.endswith(".direction") for k in scored["indicators"])
+        # the behaviour check read client 0's model (profile image: the image modality)
+        assert set(scored["behaviour"]) == {"image"} and 0 <= scored["behaviour"]["image"] <= 1
+        assert record["train.trust.behaviour_seconds_per_client"] > 0
     assert (tmp_path / "out" / "trust.png").is_file()
     assert summary["detection.client_rounds_flagged"] >= 2
 

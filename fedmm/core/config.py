@@ -386,6 +386,9 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
         _positive(f"defense.{key}", getattr(d, key), allow_zero=True)
     _positive("defense.max_relative_norm", d.max_relative_norm)
     _positive("defense.root_examples", d.root_examples)
+    _positive("defense.behaviour_examples", d.behaviour_examples)
+    _positive("defense.behaviour_strikes", d.behaviour_strikes)
+    _fraction("defense.behaviour_margin", d.behaviour_margin)
     from fedmm.robustness.attacks import resolve_attack
     from fedmm.core.tasks import task_specs
 

@@ -150,7 +150,7 @@ class AttackConfig:
 class DefenseConfig:
     name: str = "none"  # none | trust | krum | multikrum | bulyan | median | trimmed_mean | fltrust | flame | oracle
     trusted_fraction: float = 0.5  # trust: top share by score, aggregated outright
-    rejected_fraction: float = 0.2  # trust: bottom share, dropped; the middle is inspected layer-wise
+    rejected_fraction: float = 0.0  # trust: bottom share, dropped outright; the rest below the trusted share is inspected layer-wise
     pass_early: float = 0.4  # trust: share of layers a suspicious client must pass ...
     pass_late: float = 0.6  # ... before and after round `late_round`
     late_round: int = 5
@@ -160,6 +160,10 @@ class DefenseConfig:
     num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
     trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
     root_examples: int = 100  # fltrust: clean examples per task the server trains on
+    behaviour: bool = True  # trust: search each client's model for a universal trigger on the root set
+    behaviour_examples: int = 32  # trust: root examples per task the trigger search reads
+    behaviour_margin: float = 0.3  # trust: how far above the cohort median trigger lift a client is caught
+    behaviour_strikes: int = 2  # trust: times caught in its last 10 rounds that hold a client out
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""FLTrust's server update: the global model trained briefly on a small clean root set the server holds.
+"""The server's small clean root set, and what defences do with it: FLTrust's server update (the global
+model trained briefly on it) and the trust defence's behaviour check.
 
 The root set of a generated task is fresh data from the task's generator (a seed no client uses);
 for a Hugging Face task it is a seeded random sample of `defense.root_examples` rows, which clients
@@ -15,7 +16,8 @@ import numpy as np
 
 from fedmm.core.schema import RunConfig
 from fedmm.data.scenes import make_synthetic_task, task_dataset
-from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank
+from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank, server_model
+from fedmm.robustness.behaviour import BehaviourCheck
 from fedmm.training.local import TaskTensors, encode_split, lr_at, resolve_device, train_local
 
 _ROOT_SEED_OFFSET = 1_000_003
@@ -54,3 +56,9 @@ def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round:
                 seed=run.seed * 7919 + server_round, device=resolve_device(run.train.device))
     trained = component_vectors(model, components)
     return {c: trained[c] - vectors[c] for c in components}
+
+
+def behaviour_check(run: RunConfig) -> BehaviourCheck:
+    """The trust defence's behaviour check on this run's server model and root set."""
+    tasks = sorted({t for ts in run.clients.profiles.values() for t in ts})
+    return BehaviourCheck(server_model(run), root_data(run, tasks), run.defense.behaviour_examples)

@@ -431,19 +431,29 @@ class Reputation:
     last WINDOW participations. Clients are compared by their recent points per participation: a
     client sampled rarely is not mistaken for a bad one, and an honest client held out for a bad
     stretch recovers within a window. (The reference gives +1 for passing inspection and +1 for being
-    aggregated; a passing suspect then outranks a trusted client.)"""
+    aggregated; a passing suspect then outranks a trusted client.)
+
+    The behaviour check's catches are kept apart (`caught`, over the same window): direct evidence of
+    a backdoor, so a few of them hold a client out at once, with no warm-up and whatever its points;
+    they age out of the window like points do."""
 
     points: dict[int, int] = field(default_factory=dict)
     participations: dict[int, int] = field(default_factory=dict)
     recent: dict[int, list[int]] = field(default_factory=dict)  # points earned in each recent participation
+    caught: dict[int, list[int]] = field(default_factory=dict)  # 1 where the behaviour check caught it
 
     WINDOW = 10
 
-    def participate(self, client: int, earned: int) -> None:
-        """Record one round of `client`, in which it earned `earned` points."""
+    def participate(self, client: int, earned: int, caught: bool = False) -> None:
+        """Record one round of `client`, in which it earned `earned` points (and was caught or not)."""
         self.participations[client] = self.participations.get(client, 0) + 1
         self.points[client] = self.points.get(client, 0) + earned
         self.recent[client] = [*self.recent.get(client, []), earned][-self.WINDOW :]
+        self.caught[client] = [*self.caught.get(client, []), int(caught)][-self.WINDOW :]
+
+    def times_caught(self, client: int) -> int:
+        """Behaviour catches over the client's recent window."""
+        return sum(self.caught.get(client, []))
 
     def rate(self, client: int) -> float | None:
         """Points per participation over the recent window; None for a client never seen."""
@@ -465,7 +475,8 @@ class Reputation:
     def to_json(self) -> dict:
         return {"points": {str(k): v for k, v in sorted(self.points.items())},
                 "participations": {str(k): v for k, v in sorted(self.participations.items())},
-                "recent": {str(k): v for k, v in sorted(self.recent.items())}}
+                "recent": {str(k): v for k, v in sorted(self.recent.items())},
+                "caught": {str(k): v for k, v in sorted(self.caught.items())}}
 
     @classmethod
     def from_json(cls, data: Mapping) -> "Reputation":
@@ -474,17 +485,18 @@ class Reputation:
                 raise ValueError(f"reputation of client {k!r} must hold non-negative integers, got {v!r}")
             return v
 
-        def lists(d: Mapping) -> dict[int, list[int]]:
+        def lists(d: Mapping, what: str) -> dict[int, list[int]]:
             out = {}
             for k, v in d.items():
                 if not isinstance(v, list) or len(v) > cls.WINDOW:
-                    raise ValueError(f"recent reputation of client {k!r} must be a list of at most {cls.WINDOW}")
+                    raise ValueError(f"{what} of client {k!r} must be a list of at most {cls.WINDOW}")
                 out[int(k)] = [count(k, x) for x in v]
             return out
 
         return cls({int(k): count(k, v) for k, v in data.get("points", {}).items()},
                    {int(k): count(k, v) for k, v in data.get("participations", {}).items()},
-                   lists(data.get("recent", {})))
+                   lists(data.get("recent", {}), "recent reputation"),
+                   lists(data.get("caught", {}), "behaviour catches (caught)"))
 
 
 # --- one round ------------------------------------------------------------------------------------
@@ -570,9 +582,13 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                  layouts: Mapping[str, ComponentLayout], reputation: Reputation, server_round: int,
                  rng: np.random.Generator, *, trusted_fraction: float = 0.5, rejected_fraction: float = 0.2,
                  pass_early: float = 0.4, pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
-                 max_relative_norm: float = 100.0, consensus_weight: float = 0.3) -> RoundDecision:
+                 max_relative_norm: float = 100.0, consensus_weight: float = 0.3,
+                 behaviour: Mapping[int, str] | None = None, strikes: int = 2) -> RoundDecision:
     """Both stages and the reputation update for one round; `reputation` is updated in place.
-    `rng` draws the coordinates the sampled indicators read (fresh each round)."""
+    `rng` draws the coordinates the sampled indicators read (fresh each round). `behaviour`: the
+    clients the behaviour check caught this round, with the reason; they are dropped, earn nothing,
+    and a client caught `strikes` times in its recent window is held out until the catches age out."""
+    behaviour = dict(behaviour or {})
     dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
     scored: dict[str, ComponentTrust] = {}
@@ -604,8 +620,14 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     for c, cat in category.items():
         if cat == REJECTED:
             dropped[c] = f"rejected: trust {trust[c]:.3f} in the bottom {rejected_fraction:.0%}"
-    honest = [c for c in clients if category[c] == TRUSTED or c in passed]
-    candidates = list(honest)
+    honest = [c for c in clients if (category[c] == TRUSTED or c in passed) and c not in behaviour]
+    for c in clients:
+        if c in behaviour:
+            dropped[c] = behaviour[c]
+        elif reputation.times_caught(c) >= strikes:
+            dropped[c] = (f"reputation: caught by the behaviour check {reputation.times_caught(c)} times "
+                          f"in its last {Reputation.WINDOW} rounds")
+    candidates = [c for c in honest if c not in dropped]
     if server_round > warmup_rounds:
         floor = reputation.threshold()  # over completed participations: this round does not count yet
         for c in list(candidates):
@@ -614,13 +636,13 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                 candidates.remove(c)
                 dropped[c] = f"reputation: {rate:.2f} per round, below {floor:.2f}"
     if not candidates:  # never leave a round without an aggregate while trusted clients exist
-        candidates = [c for c in clients if category[c] == TRUSTED]
+        candidates = [c for c in clients if category[c] == TRUSTED and c not in behaviour]
         for c in candidates:
             dropped.pop(c, None)
     # One point per round judged honest by the two stages, aggregated or held out by its past (so
     # an honest client recovers); never two, so passing inspection does not outrank being trusted.
     for c in clients:
-        reputation.participate(c, earned=int(c in honest))
+        reputation.participate(c, earned=int(c in honest), caught=c in behaviour)
     return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
 
 

@@ -1,0 +1,104 @@
+"""The behaviour check: a planted backdoor is caught on its model, honest label-skewed models are not;
+its catches hold a client out through reputation, and survive a restart."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmm.core.config import load_config
+from fedmm.data.scenes import make_synthetic_task
+from fedmm.models.model import component_vectors, load_component_vectors, module_bank
+from fedmm.robustness import behaviour
+from fedmm.robustness.attacks import columns_of, poison_training_split
+from fedmm.robustness.trust import Reputation
+from fedmm.training.local import encode_split, train_local
+
+TASKS = ["img_shape", "txt_color"]
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """Models of one shipped-base federation after one local round from the same start: five honest
+    clients whose labels are skewed (each mostly one class) and one with a backdoor in half its data."""
+    run = load_config(overrides=["clients.profiles.both=img_shape,txt_color", "train.local_steps=40",
+                                 "attack.name=backdoor", "attack.fraction=0.5"])
+    bank = module_bank(run)
+    model = bank.model(TASKS)
+    components = list(component_vectors(model))
+    start = component_vectors(model)
+    rng = np.random.default_rng(0)
+    data = {t: columns_of(make_synthetic_task(t, 1200, 11, run.model.image_size)) for t in TASKS}
+
+    def encode(columns, task):
+        spec = bank.specs[task]
+        return encode_split(columns, spec.modalities, bank.tokenizer() if "text" in spec.modalities else None,
+                            bank.image_size() if "image" in spec.modalities else 0)
+
+    def skewed(columns, favourite):
+        labels = columns["label"]
+        keep = np.flatnonzero((labels == favourite) | (rng.random(len(labels)) < 0.25))[:300]
+        return {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in columns.items()}
+
+    models = {}
+    for client in range(6):
+        load_component_vectors(model, start, components)
+        train = {}
+        for task in TASKS:
+            columns = skewed(data[task], client % 4)
+            if client == 5:
+                spec = bank.specs[task]
+                columns = poison_training_split(columns, "backdoor", run.attack, spec.modalities, spec.num_classes, 5)
+            train[task] = encode(columns, task)
+        train_local(model, train, run.train, run.train.lr, seed=client, device=torch.device("cpu"))
+        models[client] = component_vectors(model)
+    load_component_vectors(model, start, components)
+    root = {t: encode(columns_of(make_synthetic_task(t, 48, 99, run.model.image_size)), t) for t in TASKS}
+    return behaviour.BehaviourCheck(model, root, examples=32), start, models
+
+
+def test_a_planted_backdoor_is_caught_and_label_skewed_honest_models_are_not(cohort):
+    check, start, models = cohort
+    strength = check.strengths(start, models)
+    assert set(strength) == set(models) and set(strength[0]) == {"image", "text"}
+    caught = behaviour.behaviour_outliers(strength, margin=0.2)
+    assert set(caught) == {5}, (strength, caught)
+    assert "trigger" in caught[5]
+    # the trigger's own strength on the backdoored model: nearly every root input goes to the target
+    assert max(strength[5].values()) >= 0.9
+
+
+def test_the_check_leaves_the_model_as_it_was_sent(cohort):
+    check, start, models = cohort
+    check.strengths(start, {5: models[5]})
+    after = component_vectors(check.model)
+    assert all(np.array_equal(after[c], start[c]) for c in start)
+    assert all(p.requires_grad for n, p in check.model.named_parameters() if "lora_" in n)
+
+
+def test_the_search_reads_each_modality_through_its_narrowest_task():
+    specs = module_bank(load_config()).specs
+    assert behaviour.search_tasks(["vqa", "img_shape", "txt_color"], specs) == {"image": "img_shape", "text": "txt_color"}
+    assert behaviour.search_tasks(["vqa"], specs) == {"image": "vqa", "text": "vqa"}
+    assert behaviour.tasks_of(["encoder.image", "head.vqa", "head.img_shape", "fusion.shared"]) == ["img_shape", "vqa"]
+
+
+def test_outliers_need_both_the_margin_and_the_floor():
+    cohort = {c: {"image": 0.3 + 0.02 * c} for c in range(8)}
+    assert behaviour.behaviour_outliers(cohort, 0.2) == {}
+    assert set(behaviour.behaviour_outliers({**cohort, 9: {"image": 0.95}}, 0.2)) == {9}
+    low = {c: {"text": 0.05} for c in range(8)}
+    assert behaviour.behaviour_outliers({**low, 9: {"text": 0.45}}, 0.2) == {}  # under the floor: no backdoor
+
+
+def test_catches_hold_a_client_out_and_age_out_of_the_window():
+    rep = Reputation()
+    for _ in range(2):
+        rep.participate(3, earned=0, caught=True)
+    assert rep.times_caught(3) == 2
+    for _ in range(Reputation.WINDOW - 1):
+        rep.participate(3, earned=1)
+    assert rep.times_caught(3) == 1
+    restored = Reputation.from_json(rep.to_json())
+    assert restored.times_caught(3) == 1 and restored.caught == rep.caught
+    with pytest.raises(ValueError, match="caught"):
+        Reputation.from_json({"caught": {"3": [1] * (Reputation.WINDOW + 1)}})
