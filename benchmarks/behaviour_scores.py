@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmm.core.config import load_config  # noqa: E402
-from fedmm.models.model import client_components, initial_global_vectors, server_model  # noqa: E402
+from fedmm.models.model import client_components, initial_global_vectors, server_model, server_tasks  # noqa: E402
 from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers  # noqa: E402
 from fedmm.robustness.attacks import malicious_clients  # noqa: E402
 from fedmm.robustness.root_update import root_data  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
             run = load_config(overrides=[f"attack.name={args.attack}", "attack.fraction=0.3",
                                          f"attack.poison_fraction={poison}", f"seed={seed}", *args.overrides])
             bad = malicious_clients(run)
-            tasks = sorted({t for ts in run.clients.profiles.values() for t in ts})
-            check = BehaviourCheck(server_model(run), root_data(run, tasks), run.defense.behaviour_examples)
+            check = BehaviourCheck(server_model(run), root_data(run, server_tasks(run)), run.defense.behaviour_examples)
             global_vectors = initial_global_vectors(run)
             for r in range(1, args.rounds + 1):
                 t0 = time.perf_counter()

@@ -84,9 +84,16 @@ class TrustScoring(Strategy):
         partition = {n.node_id: n.partition_id for n in self.registry.nodes()}
         updates = {partition[u.node_id]: u for u in accepted if u.node_id in partition}
         d = self.defense
-        started = time.perf_counter()
-        strength = self._strengths(updates)
-        behaviour_seconds = time.perf_counter() - started
+        strength: dict[int, dict[str, float]] = {}  # the behaviour check's readings, filled by `judge`
+        behaviour_seconds = 0.0
+
+        def judge(clients: list[int]) -> dict[int, str]:
+            nonlocal behaviour_seconds
+            started = time.perf_counter()
+            strength.update(self._strengths({p: updates[p] for p in clients}))
+            behaviour_seconds = time.perf_counter() - started
+            return behaviour_outliers(strength, d.behaviour_margin)
+
         rng = np.random.default_rng([self.registry.run.seed, server_round, 0x7757])
         decision = decide_round(stack_deltas(updates, self._vectors), self._vectors, self.layouts,
                                 self.reputation, server_round, rng,
@@ -94,8 +101,7 @@ class TrustScoring(Strategy):
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
                                 warmup_rounds=d.warmup_rounds, max_relative_norm=d.max_relative_norm,
                                 consensus_weight=d.consensus_weight,
-                                behaviour=behaviour_outliers(strength, d.behaviour_margin),
-                                strikes=d.behaviour_strikes)
+                                behaviour=judge, strikes=d.behaviour_strikes)
         node_of = {p: u.node_id for p, u in updates.items()}
         for p, reason in sorted(decision.dropped.items()):
             log(WARNING if reason.split(":")[0] in ("non-finite", "zero-update", "absurd-norm", "duplicate")
@@ -119,14 +125,13 @@ class TrustScoring(Strategy):
         return arrays, metrics
 
     def _strengths(self, updates: Mapping[int, ClientUpdate]) -> dict[int, dict[str, float]]:
-        """The behaviour check's trigger strengths of the clients whose update is finite (the input
-        screen drops the others); empty when the check is off."""
+        """The behaviour check's trigger strengths of these clients (those past the input screen);
+        empty when the check is off."""
         if not self.defense.behaviour or self._behaviour_factory is None:
             return {}
         if self._behaviour is None:
             self._behaviour = self._behaviour_factory()
-        finite = {p: u.arrays for p, u in updates.items() if all(np.isfinite(v).all() for v in u.arrays.values())}
-        return self._behaviour.strengths(self._vectors, finite)
+        return self._behaviour.strengths(self._vectors, {p: u.arrays for p, u in updates.items()})
 
     def _report(self, decision: RoundDecision, rejected, partition, strength) -> dict[int, dict]:
         report: dict[int, dict] = {}

@@ -10,7 +10,8 @@ from fedmm.data.scenes import make_synthetic_task
 from fedmm.models.model import component_vectors, load_component_vectors, module_bank
 from fedmm.robustness import behaviour
 from fedmm.robustness.attacks import columns_of, poison_training_split
-from fedmm.robustness.trust import Reputation
+from fedmm.core.components import ComponentLayout
+from fedmm.robustness.trust import ComponentUpdates, Reputation, decide_round
 from fedmm.training.local import encode_split, train_local
 
 TASKS = ["img_shape", "txt_color"]
@@ -73,6 +74,31 @@ def test_the_check_leaves_the_model_as_it_was_sent(cohort):
     after = component_vectors(check.model)
     assert all(np.array_equal(after[c], start[c]) for c in start)
     assert all(p.requires_grad for n, p in check.model.named_parameters() if "lora_" in n)
+
+
+def test_a_vocabulary_the_clean_texts_use_in_full_leaves_nothing_to_search(cohort):
+    check, start, models = cohort
+    _, flips = behaviour.search_prefix(check.model, "txt_color", check.root["txt_color"],
+                                       torch.zeros(0, dtype=torch.long))
+    assert flips.shape == (4,) and not flips.any()
+
+
+def test_the_judge_sees_only_the_clients_past_the_input_screen():
+    rng = np.random.default_rng(0)
+    deltas = rng.standard_normal((5, 40)).astype(np.float32) * 0.01
+    deltas[3] = np.nan
+    layout = ComponentLayout(names=("w",), shapes=((40,),), offsets=(0,), size=40)
+    seen = []
+
+    def judge(clients):
+        seen.extend(clients)
+        return {1: "behaviour: planted"}
+
+    decision = decide_round({"c": ComponentUpdates(list(range(5)), deltas)}, {"c": np.ones(40, np.float32)},
+                            {"c": layout}, Reputation(), 1, rng, behaviour=judge)
+    assert seen == [0, 1, 2, 4]
+    assert decision.dropped[1] == "behaviour: planted" and 1 not in decision.aggregated
+    assert decision.dropped[3].startswith("non-finite")
 
 
 def test_the_search_reads_each_modality_through_its_narrowest_task():

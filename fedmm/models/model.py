@@ -215,19 +215,19 @@ def module_bank(run: RunConfig) -> ModuleBank:
     return _BANKS[key]
 
 
-def _server_tasks(run: RunConfig) -> list[str]:
+def server_tasks(run: RunConfig) -> list[str]:
     return sorted({t for tasks in run.clients.profiles.values() for t in tasks})
 
 
 def server_model(run: RunConfig) -> MultiModalModel:
     """The server's view: every task some profile holds, and the modalities they read."""
-    return module_bank(run).model(_server_tasks(run))
+    return module_bank(run).model(server_tasks(run))
 
 
 def initial_global_vectors(run: RunConfig) -> dict[str, np.ndarray]:
     """The global model before round 1: the modules as first built, whatever a process that also
     hosts clients (an in-process test grid) has trained into them since."""
-    return module_bank(run).initial_vectors(_server_tasks(run))
+    return module_bank(run).initial_vectors(server_tasks(run))
 
 
 # --- trainable state --------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> tup
 
 
 __all__ = [
-    "MultiModalModel", "ModuleBank", "module_bank", "server_model", "initial_global_vectors", "trainable_state", "load_trainable",
+    "MultiModalModel", "ModuleBank", "module_bank", "server_model", "server_tasks", "initial_global_vectors", "trainable_state", "load_trainable",
     "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
     "client_components",
 ]

@@ -6,13 +6,13 @@ all of them to one class. The server searches each candidate model for such a un
 without knowing it (Neural-Cleanse-style): for images, a patch of `pixels` pixels (where and what
 colour, by gradient descent, for every class at once); for text, a token put in front of the text
 (every token the clean root texts never use is tried: a word the task itself uses is meaning, and
-honest models follow it). A model on which the best trigger succeeds far more often than on the
-cohort's other models carries a shortcut they lack.
+honest models follow it). A model whose best trigger flips far more root inputs to one class than
+the cohort's median model does carries a shortcut the others lack.
 
 Measured first (benchmarks/behaviour_scores.py, docs/benchmarks.md): AGSD's readings of per-input
-PGD examples (a_std, conf), the share of predictions collapsing onto one class and the per-class
-prediction shift on clean inputs ranked attackers at ROC AUC 0.53-0.81; the universal trigger at
-0.97-1.0.
+PGD examples (a_std, conf), the share of predictions collapsing onto one class, per-input PGD against
+each client's model and the per-class prediction shift on clean inputs ranked attackers at ROC AUC
+0.39-0.81; the universal trigger at 0.94-1.0 per modality.
 """
 
 from __future__ import annotations
@@ -60,10 +60,6 @@ class Trigger:
     mask: torch.Tensor | None = None  # (K, 1, H, W) 0/1
     pattern: torch.Tensor | None = None  # (K, 3, H, W) in [-1, 1]
     tokens: torch.Tensor | None = None  # (K,) token ids
-
-    def select(self, rows: torch.Tensor) -> "Trigger":
-        pick = (lambda t: None if t is None else t[rows])
-        return Trigger(self.modality, self.classes[rows], pick(self.mask), pick(self.pattern), pick(self.tokens))
 
     def apply(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every row's trigger on every input: (K * N) inputs, trigger-major."""
@@ -155,13 +151,13 @@ def unseen_tokens(model: MultiModalModel, texts: list[TaskTensors]) -> torch.Ten
 
 @torch.no_grad()
 def search_prefix(model: MultiModalModel, task: str, data: TaskTensors,
-                  candidates: torch.Tensor | None = None) -> tuple[Trigger, np.ndarray]:
-    """For every class, the token of `candidates` (default: every token) that, put in front of the
-    text, flips most root inputs to it (each one tried), and that flip rate."""
-    if candidates is None:
-        candidates = torch.arange(model.encoders["text"].backbone.get_input_embeddings().weight.shape[0])
+                  candidates: torch.Tensor) -> tuple[Trigger, np.ndarray]:
+    """For every class, the token of `candidates` that, put in front of the text, flips most root
+    inputs to it (each one tried), and that flip rate; no candidates flip nothing."""
     vocab = len(candidates)
     k = model.specs[task].num_classes
+    if not vocab:  # the clean texts use the whole vocabulary: no token can hide a trigger
+        return Trigger("text", torch.arange(k), tokens=torch.zeros(k, dtype=torch.long)), np.zeros(k)
     every = Trigger("text", torch.zeros(vocab, dtype=torch.long), tokens=candidates)
     predicted = predict(model, task, every.apply(data.inputs), chunk=4096).reshape(vocab, len(data))
     clean = predict(model, task, data.inputs)

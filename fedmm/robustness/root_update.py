@@ -16,7 +16,8 @@ import numpy as np
 
 from fedmm.core.schema import RunConfig
 from fedmm.data.scenes import make_synthetic_task, task_dataset
-from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank, server_model
+from fedmm.models.model import (client_components, component_vectors, load_component_vectors, module_bank,
+                                server_model, server_tasks)
 from fedmm.robustness.behaviour import BehaviourCheck
 from fedmm.training.local import TaskTensors, encode_split, lr_at, resolve_device, train_local
 
@@ -48,7 +49,7 @@ def root_data(run: RunConfig, tasks: list[str]) -> dict[str, TaskTensors]:
 
 def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
     """Per component, the server's update (trained - sent) after `train.local_steps` on the root set."""
-    tasks = sorted({t for ts in run.clients.profiles.values() for t in ts})
+    tasks = server_tasks(run)
     components = client_components(tasks, run)
     model = module_bank(run).model(tasks)
     load_component_vectors(model, {c: vectors[c] for c in components}, components)
@@ -60,5 +61,5 @@ def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round:
 
 def behaviour_check(run: RunConfig) -> BehaviourCheck:
     """The trust defence's behaviour check on this run's server model and root set."""
-    tasks = sorted({t for ts in run.clients.profiles.values() for t in ts})
+    tasks = server_tasks(run)
     return BehaviourCheck(server_model(run), root_data(run, tasks), run.defense.behaviour_examples)

@@ -12,7 +12,7 @@ Nothing here looks at what a client says about itself, nor at the trigger or tar
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -583,14 +583,16 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                  rng: np.random.Generator, *, trusted_fraction: float = 0.5, rejected_fraction: float = 0.2,
                  pass_early: float = 0.4, pass_late: float = 0.6, late_round: int = 5, warmup_rounds: int = 3,
                  max_relative_norm: float = 100.0, consensus_weight: float = 0.3,
-                 behaviour: Mapping[int, str] | None = None, strikes: int = 2) -> RoundDecision:
+                 behaviour: Callable[[list[int]], Mapping[int, str]] | None = None,
+                 strikes: int = 2) -> RoundDecision:
     """Both stages and the reputation update for one round; `reputation` is updated in place.
-    `rng` draws the coordinates the sampled indicators read (fresh each round). `behaviour`: the
-    clients the behaviour check caught this round, with the reason; they are dropped, earn nothing,
-    and a client caught `strikes` times in its recent window is held out until the catches age out."""
-    behaviour = dict(behaviour or {})
+    `rng` draws the coordinates the sampled indicators read (fresh each round). `behaviour` judges
+    the clients that pass the input screen and returns those it catches, with the reason; they are
+    dropped, earn nothing, and a client caught `strikes` times in its recent window is held out until
+    the catches age out."""
     dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
+    behaviour = dict(behaviour(clients)) if behaviour is not None and clients else {}
     scored: dict[str, ComponentTrust] = {}
     per_client: dict[int, list[float]] = {c: [] for c in clients}
     for name in sorted(components):
