@@ -128,22 +128,22 @@ def _per_component(run: RunConfig, registry: NodeRegistry, robust: bool, common:
     def make() -> Strategy:
         strategy = cls(**kwargs)
         if robust:
-            strategy = DefendedStrategy(strategy, run.defense.name)
+            strategy = DefendedStrategy(strategy)
         if run.dp.name != "none":
             strategy = differential_privacy.wrap(run.dp, strategy, run.clients.num)
         return strategy
 
-    try:
-        cls(**kwargs)
-    except Exception as err:  # the class's own checks of its arguments
+    try:  # one instance up front: the class's own checks of its arguments, then the DP wrapper's
+        probe = cls(**kwargs)
+    except Exception as err:
         raise ConfigError(f"config key 'strategy.name'={s.name!r}: cannot build it with {kwargs}: {err}") from None
-    try:
-        make()
-    except ValueError as err:  # Flower's DP wrappers check their settings
-        raise ConfigError(f"config keys 'dp.*' (dp.name={run.dp.name!r}): {err}") from None
     ledger = None
     if run.dp.name != "none":
-        why_not = differential_privacy.unaccountable(cls(**kwargs), robust or run.defense.name == "trust")
+        try:
+            differential_privacy.wrap(run.dp, probe, run.clients.num)
+        except ValueError as err:
+            raise ConfigError(f"config keys 'dp.*' (dp.name={run.dp.name!r}): {err}") from None
+        why_not = differential_privacy.unaccountable(probe, robust or run.defense.name == "trust")
         ledger = differential_privacy.PrivacyLedger(run.dp, run.clients.num, why_not)
     rule_for = round_rules(run.defense, run, run.seed) if robust else None
     return PerComponentStrategy(registry, make, cls.__name__, rule_for=rule_for, dp=run.dp, ledger=ledger, **common)

@@ -23,9 +23,8 @@ class DefendedStrategy(Strategy):
     """`rule` then `strategy`. The per-component runner calls `use_rule` before each aggregation (a
     rule such as FLTrust's is built per round)."""
 
-    def __init__(self, strategy: Strategy, name: str) -> None:
+    def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy  # the attribute name Flower's own wrappers use for what they wrap
-        self.name = name
         self.rule = None
         self.component = ""
         self.current_arrays = ArrayRecord()
