@@ -28,21 +28,52 @@ from fedmm.core.components import ComponentLayout
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate, ReplyLimits
 from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers
-from fedmm.robustness.trust import ComponentUpdates, Reputation, RoundDecision, decide_round
+from fedmm.robustness.trust import (ComponentUpdates, Reputation, RoundDecision, behaviour_sample, clip_factors,
+                                    decide_round, row_norms)
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
 
 
-def stack_deltas(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray]) -> dict[str, ComponentUpdates]:
-    """Per component, its holders' updates (trained - sent) stacked in client order: one copy."""
+def stack_deltas(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray],
+                 buffers: dict[str, np.ndarray] | None = None) -> dict[str, ComponentUpdates]:
+    """Per component, its holders' updates (trained - sent) stacked in client order: one copy.
+    With `buffers`, each component's stack is written into the buffer kept from an earlier round
+    (grown when it has more holders): fresh pages of a GB-sized stack cost more than the copy."""
     out = {}
     for component in sorted({c for u in updates.values() for c in u.arrays}):
         holders = sorted(p for p, u in updates.items() if component in u.arrays)
-        deltas = np.empty((len(holders), sent[component].size), dtype=np.float32)
+        shape = (len(holders), sent[component].size)
+        if buffers is None:
+            deltas = np.empty(shape, dtype=np.float32)
+        else:
+            kept = buffers.get(component)
+            if kept is None or kept.shape[0] < shape[0] or kept.shape[1] != shape[1]:
+                kept = buffers[component] = np.empty(shape, dtype=np.float32)
+            deltas = kept[: shape[0]]
         for row, p in zip(deltas, holders):
             np.subtract(updates[p].arrays[component], sent[component], out=row)
         out[component] = ComponentUpdates(holders, deltas)
     return out
+
+
+def clip_to_median(kept: list[Message], stacked: Mapping[str, ComponentUpdates], aggregated: list[int],
+                   node_of: Mapping[int, int], sent: Mapping[str, np.ndarray]) -> int:
+    """Scale each kept update above the median norm of the kept updates (per component) down to it,
+    in the replies the inner strategy reads (`node_of`: partition id -> node id); returns how many
+    (client, component) updates were scaled."""
+    reply_of = {r.metadata.src_node_id: r for r in kept}
+    keep, count = set(aggregated), 0
+    for component, u in stacked.items():
+        rows = [i for i, p in enumerate(u.client_ids) if p in keep]
+        if not rows:
+            continue
+        for i, factor in zip(rows, clip_factors(row_norms(u.deltas[rows])).tolist()):
+            if factor < 1.0:
+                vector = sent[component] + np.float32(factor) * u.deltas[i]
+                record = reply_of[node_of[u.client_ids[i]]].content[protocol.ARRAYS]
+                record[component] = protocol.encode_arrays({component: vector})[component]
+                count += 1
+    return count
 
 
 class TrustScoring(Strategy):
@@ -62,6 +93,7 @@ class TrustScoring(Strategy):
         self._sent: dict[int, tuple[str, ...]] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._behaviour: BehaviourCheck | None = None
+        self._stack_buffers: dict[str, np.ndarray] = {}  # reused round to round (see stack_deltas)
 
     def summary(self) -> None:
         d = self.defense
@@ -86,16 +118,19 @@ class TrustScoring(Strategy):
         d = self.defense
         strength: dict[int, dict[str, float]] = {}  # the behaviour check's readings, filled by `judge`
         behaviour_seconds = 0.0
+        rng = np.random.default_rng([self.registry.run.seed, server_round, 0x7757])
 
         def judge(clients: list[int]) -> dict[int, str]:
             nonlocal behaviour_seconds
             started = time.perf_counter()
-            strength.update(self._strengths({p: updates[p] for p in clients}))
+            read = behaviour_sample(clients, self.reputation, d.behaviour_max_clients,
+                                    np.random.default_rng([self.registry.run.seed, server_round, 0xBE4A]))
+            strength.update(self._strengths({p: updates[p] for p in read}))
             behaviour_seconds = time.perf_counter() - started
             return behaviour_outliers(strength, d.behaviour_margin)
 
-        rng = np.random.default_rng([self.registry.run.seed, server_round, 0x7757])
-        decision = decide_round(stack_deltas(updates, self._vectors), self._vectors, self.layouts,
+        stacked = stack_deltas(updates, self._vectors, self._stack_buffers)
+        decision = decide_round(stacked, self._vectors, self.layouts,
                                 self.reputation, server_round, rng,
                                 trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
@@ -110,6 +145,8 @@ class TrustScoring(Strategy):
         self.last_report = self._report(decision, rejected, partition, strength)
         kept_nodes = {node_of[p] for p in decision.aggregated}
         kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
+        clipped = clip_to_median(kept, stacked, decision.aggregated, node_of, self._vectors) if d.clip_to_median else 0
+        del stacked
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
         faulty = sum(reason.startswith("non-finite") for reason in decision.dropped.values())
         metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated],
@@ -119,6 +156,8 @@ class TrustScoring(Strategy):
         for reason in ("trusted", "suspicious", "rejected"):
             metrics[f"trust.{reason}"] = sum(c == reason for c in decision.category.values())
         metrics["trust.dropped"] = len(decision.dropped)
+        if d.clip_to_median:
+            metrics["trust.clipped"] = clipped
         if strength:
             metrics["trust.behaviour_caught"] = sum(r.startswith("behaviour") for r in decision.dropped.values())
             metrics["trust.behaviour_seconds_per_client"] = behaviour_seconds / len(strength)

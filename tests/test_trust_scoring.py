@@ -147,3 +147,61 @@ def test_on_the_shipped_base_a_backdoor_sends_triggered_inputs_to_the_target_and
         rates[data] = run_federation(LocalGrid(make_client_app(run), 6), run)["final.attack.success_rate"]
     # Measured: base rate 0.041 / 0.004, poisoned 0.701 / 0.665 (seeds 0 / 1).
     assert rates["none"] <= 0.1 and rates["auto"] >= 0.5, rates
+
+
+def test_clip_to_median_scales_the_kept_updates_above_the_median_norm():
+    import time
+
+    import numpy as np
+    from flwr.app import Metadata
+
+    from fedmm.robustness.trust import ComponentUpdates
+    from strategies.trust_scoring import clip_to_median
+
+    sent = {"c": np.ones(4, np.float32)}
+    deltas = [np.full(4, s, np.float32) for s in (1.0, 2.0, 3.0, 10.0)]
+    replies = []
+    for node, delta in enumerate(deltas, start=1):
+        content = protocol.train_reply_content({"c": sent["c"] + delta}, 10, {"c": 10}, {})
+        metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m",
+                            group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+        replies.append(Message(metadata=metadata, content=content))
+    stacked = {"c": ComponentUpdates([0, 1, 2, 3], np.stack(deltas))}
+    kept = replies[1:]  # client 0 was dropped: the median is over the kept clients 1-3 (norm of 3.0)
+    assert clip_to_median(kept, stacked, [1, 2, 3], {p: p + 1 for p in range(4)}, sent) == 1
+    received = [r.content[protocol.ARRAYS]["c"].numpy() - sent["c"] for r in replies]
+    np.testing.assert_allclose(received[3], deltas[2])  # 10 -> 3
+    for i in range(3):
+        np.testing.assert_allclose(received[i], deltas[i])  # at or below the median, or dropped: untouched
+
+
+def test_a_large_cohort_is_sampled_by_the_behaviour_check_and_kept_updates_clipped(tmp_path):
+    run = fast_run(tmp_path, "defense.behaviour=true", "defense.behaviour_examples=8",
+                   "defense.behaviour_max_clients=2", "defense.clip_to_median=true")
+    summary = run_federation(LocalGrid(make_client_app(run), 6), run)
+    assert summary["status"] == "completed"
+    for record in rounds(tmp_path / "out"):
+        read = [p for p, e in record["trust"].items() if e.get("behaviour") is not None]
+        assert len(read) == 2
+        assert record["train.trust.clipped"] >= 1  # some kept update is above the kept median
+
+
+def test_stacking_reuses_its_buffer_and_grows_it_for_more_holders():
+    import numpy as np
+
+    from fedmm.core.protocol import ClientUpdate
+    from strategies.trust_scoring import stack_deltas
+
+    sent = {"c": np.zeros(3, np.float32)}
+
+    def updates(n):
+        return {p: ClientUpdate(p + 1, {"c": np.full(3, p, np.float32)}, 1, {"c": 1.0}) for p in range(n)}
+
+    buffers: dict = {}
+    first = stack_deltas(updates(3), sent, buffers)["c"].deltas
+    again = stack_deltas(updates(2), sent, buffers)["c"].deltas
+    assert np.shares_memory(first, again) and again.shape == (2, 3)
+    np.testing.assert_array_equal(again, stack_deltas(updates(2), sent)["c"].deltas)
+    grown = stack_deltas(updates(4), sent, buffers)["c"].deltas
+    assert grown.shape == (4, 3) and not np.shares_memory(grown, first)
+    np.testing.assert_array_equal(grown[:, 0], [0, 1, 2, 3])

@@ -388,6 +388,7 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
     _positive("defense.root_examples", d.root_examples)
     _positive("defense.behaviour_examples", d.behaviour_examples)
     _positive("defense.behaviour_strikes", d.behaviour_strikes)
+    _positive("defense.behaviour_max_clients", d.behaviour_max_clients, allow_zero=True)
     _fraction("defense.behaviour_margin", d.behaviour_margin)
     from fedmm.robustness.attacks import resolve_attack
     from fedmm.core.tasks import task_specs

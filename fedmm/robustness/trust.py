@@ -150,22 +150,58 @@ def row_norms(deltas: np.ndarray) -> np.ndarray:
     return norms
 
 
-def lora_delta_cores(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> list[np.ndarray]:
-    """Per client, a 2r x 2r matrix with the singular values of ΔW = B'A' - BA (new minus sent).
+def _pair_grams(d: np.ndarray, fixed: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(dᵀd, fixedᵀd) per client for B-side factors (n, out, r), or (d dᵀ, d fixedᵀ) for A-side
+    factors (n, r, in) when `transpose`: the r x r blocks the Grams are built from."""
+    if transpose:
+        return d @ d.transpose(0, 2, 1), d @ fixed.T
+    return d.transpose(0, 2, 1) @ d, fixed.T @ d
 
-    ΔW = [B', -B] @ [A'; A]; with thin QRs [B', -B] = Q_b R_b and [A'; A]ᵀ = Q_a R_a, ΔW and
-    R_b R_aᵀ share their singular values. Cost O((out + in) r²) per client; no out x in matrix.
+
+def lora_delta_spectra(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> np.ndarray:
+    """(N, 2r) squared singular values of each client's ΔW = B'A' - BA (new minus sent), descending.
+
+    ΔW = dB A' + B dA = U V with U = [dB, B] (out x 2r) and V = [A'; dA] (2r x in): no cancellation
+    between large terms, so float32 Grams are accurate. ΔWᵀΔW shares its nonzero eigenvalues with
+    Lᵀ G_v L, where G_u = UᵀU = L Lᵀ and G_v = V Vᵀ are 2r x 2r, batched over the clients. Cost
+    2r multiply-adds per factor value; no out x in matrix, no loop over clients.
     """
+    n, r = len(deltas), pair.a_shape[0]
     a0 = sent[pair.a].reshape(pair.a_shape)
     b0 = sent[pair.b].reshape(pair.b_shape)
-    cores = []
-    for row in deltas:
-        a1 = a0 + row[pair.a].reshape(pair.a_shape)
-        b1 = b0 + row[pair.b].reshape(pair.b_shape)
-        _, rb = np.linalg.qr(np.hstack([b1, -b0]).astype(np.float64))
-        _, ra = np.linalg.qr(np.vstack([a1, a0]).T.astype(np.float64))
-        cores.append(rb @ ra.T)
-    return cores
+    d_b = deltas[:, pair.b].reshape(n, *pair.b_shape)
+    d_a = deltas[:, pair.a].reshape(n, *pair.a_shape)
+    bb, b0b = (x.astype(np.float64) for x in _pair_grams(d_b, b0, transpose=False))
+    aa, a0a = (x.astype(np.float64) for x in _pair_grams(d_a, a0, transpose=True))  # dA dAᵀ, dA A0ᵀ
+    g_u = np.empty((n, 2 * r, 2 * r))
+    g_u[:, :r, :r], g_u[:, r:, :r] = bb, b0b
+    g_u[:, :r, r:], g_u[:, r:, r:] = b0b.transpose(0, 2, 1), (b0.T.astype(np.float64) @ b0)
+    g_v = np.empty_like(g_u)
+    cross = a0a.transpose(0, 2, 1)  # A0 dAᵀ
+    g_v[:, :r, :r] = a0.astype(np.float64) @ a0.T + cross + a0a + aa  # A'A'ᵀ
+    g_v[:, :r, r:] = cross + aa  # A' dAᵀ
+    g_v[:, r:, :r] = g_v[:, :r, r:].transpose(0, 2, 1)
+    g_v[:, r:, r:] = aa
+    return np.maximum(np.linalg.eigvalsh(_congruence(g_u, g_v))[:, ::-1], 0.0)
+
+
+# Relative ridge on G_u's diagonal: above float32 rounding of the Grams, so the Cholesky is defined
+# (U is rank-deficient when B = 0 before the first round or a factor was left unchanged); it moves
+# the spectrum by about this share.
+GRAM_RIDGE = 1e-5
+
+
+def _congruence(g_u: np.ndarray, g_v: np.ndarray) -> np.ndarray:
+    """Lᵀ G_v L with L Lᵀ = G_u (ridged), batched; the symmetric square root where Cholesky fails."""
+    diag = np.einsum("nii->ni", g_u)
+    ridge = GRAM_RIDGE * diag + _EPS * np.maximum(diag.max(axis=1, keepdims=True), _EPS)
+    ridged = g_u + ridge[:, :, None] * np.eye(g_u.shape[1])
+    try:
+        low = np.linalg.cholesky(ridged)
+    except np.linalg.LinAlgError:
+        lam, q = np.linalg.eigh(g_u)
+        low = q * np.sqrt(np.maximum(lam, 0.0))[:, None, :]  # L Lᵀ = G_u with L = Q Λ^½
+    return low.transpose(0, 2, 1) @ g_v @ low
 
 
 def lora_indicators(deltas: np.ndarray, sent: np.ndarray, layout: ComponentLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -175,10 +211,10 @@ def lora_indicators(deltas: np.ndarray, sent: np.ndarray, layout: ComponentLayou
     sq = np.zeros(deltas.shape[0])
     concentration = np.zeros(deltas.shape[0])
     for pair in pairs:
-        for i, core in enumerate(lora_delta_cores(deltas, sent, pair)):
-            s = np.linalg.svd(core, compute_uv=False) ** 2
-            sq[i] += s.sum()
-            concentration[i] += s[0] / max(s.sum(), _EPS) / len(pairs)
+        s = lora_delta_spectra(deltas, sent, pair)
+        total = s.sum(axis=1)
+        sq += total
+        concentration += s[:, 0] / np.maximum(total, _EPS) / len(pairs)
     return np.sqrt(sq), concentration
 
 
@@ -327,8 +363,9 @@ def layer_features(updates: np.ndarray, reference: np.ndarray, norms: np.ndarray
     mean = x.mean(axis=1, keepdims=True)
     std = x.std(axis=1, keepdims=True)
     centred = (x - mean) / np.maximum(std, _EPS)
-    kurtosis = (centred**4).mean(axis=1) - 3.0
-    skewness = (centred**3).mean(axis=1)
+    squared = centred * centred  # products, not **: float32 powers take a slow path
+    kurtosis = (squared * squared).mean(axis=1) - 3.0
+    skewness = (squared * centred).mean(axis=1)
     spread = ((x - x.mean(axis=0)) ** 2).sum(axis=1)
     n = len(x)
     rms_distance = np.sqrt(np.maximum(n * spread + spread.sum(), 0.0) / max(n - 1, 1) * scale)
@@ -379,7 +416,7 @@ def honest_members(features: np.ndarray, trusted: np.ndarray) -> np.ndarray:
 
 
 def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarray,
-                  norms: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
+                  norms: np.ndarray | None = None, scale: float = 1.0, cohort: np.ndarray | None = None) -> np.ndarray:
     """Verdicts (True = honest) for the suspicious rows of one layer's (N, p) updates.
 
     Suspicious rows whose norm lies more than two robust standard deviations from the median of the
@@ -388,11 +425,13 @@ def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarr
     reference's nine features, two average-linkage clusters) and pass when they join the cluster
     that holds most trusted rows. The reference is the trusted rows' mean (leave-one-out for them).
     `updates` may hold a sample of the layer's coordinates (`scale` = layer size / sample size);
-    norms are then estimated from it unless given.
+    norms are then estimated from it unless given. When the rows are a few trusted anchors beside
+    every suspect, `cohort` gives the norms of every trusted and suspicious client, so the gate's
+    median is not the suspects' (attackers can be most of them).
     """
     norms = np.linalg.norm(updates, axis=1) * math.sqrt(scale) if norms is None else norms
     rows = np.flatnonzero(suspicious)
-    cohort = norms[trusted | suspicious]
+    cohort = norms[trusted | suspicious] if cohort is None else cohort
     med = np.median(cohort)
     spread = 2 * 1.4826 * np.median(np.abs(cohort - med))
     gate = np.abs(norms[rows] - med) <= max(spread, 0.1 * med, _EPS)
@@ -574,6 +613,19 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
     return bad, all_norms
 
 
+def behaviour_sample(clients: Sequence[int], reputation: Reputation, limit: int,
+                     rng: np.random.Generator) -> list[int]:
+    """The clients the behaviour check reads this round: all of them, or with `limit` > 0 at most
+    that many, those caught within their window first (so a strike is followed up), then a random
+    draw of the rest (so every client is read about limit / N of its rounds)."""
+    if not limit or len(clients) <= limit:
+        return list(clients)
+    caught = [c for c in clients if reputation.times_caught(c) > 0][:limit]
+    rest = [c for c in clients if c not in set(caught)]
+    drawn = rng.choice(len(rest), size=limit - len(caught), replace=False) if limit > len(caught) else []
+    return sorted(caught + [rest[i] for i in drawn])
+
+
 def _rows(u: ComponentUpdates, keep: set[int]) -> list[int]:
     return [i for i, c in enumerate(u.client_ids) if c in keep]
 
@@ -662,18 +714,23 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
         suspicious = ~trusted
         if trusted.sum() < MIN_ANCHORS or not suspicious.any():
             continue
-        # The trusted rows only anchor the honest cluster: a random MAX_ANCHORS of them are enough.
+        # The trusted rows only anchor the honest cluster: a random MAX_ANCHORS of them are enough
+        # (the norm gate still reads every trusted row).
         anchors = np.flatnonzero(trusted)
-        if len(anchors) > MAX_ANCHORS:
+        sampled = len(anchors) > MAX_ANCHORS
+        if sampled:
             anchors = np.sort(rng.choice(anchors, MAX_ANCHORS, replace=False))
         keep = np.concatenate([anchors, np.flatnonzero(suspicious)])
-        rows = [rows[i] for i in keep]
         trusted, suspicious = trusted[keep], suspicious[keep]
         suspect_ids = [c for c, s in zip([holders[i] for i in keep], suspicious) if s]
         for sl in layer_slices(layouts[name]):
             size = sl.stop - sl.start
             picked = sl.start + coordinate_sample(size, rng, count=LAYER_SAMPLE, block=16)
-            verdict = inspect_layer(u.deltas[np.ix_(rows, picked)], trusted, suspicious, scale=size / len(picked))
+            scale = size / len(picked)
+            cohort = u.deltas[np.ix_(rows, picked)]
+            norms = np.linalg.norm(cohort, axis=1) * math.sqrt(scale)
+            verdict = inspect_layer(cohort[keep], trusted, suspicious, norms[keep], scale,
+                                    cohort=norms if sampled else None)
             for c, ok in zip(suspect_ids, verdict):
                 honest[c] += int(ok)
                 judged[c] += 1
