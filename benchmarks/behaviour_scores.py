@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmm.core.config import load_config  # noqa: E402
+from fedmm.core.aggregation import weighted_mean  # noqa: E402
 from fedmm.models.model import client_components, initial_global_vectors, server_model, server_tasks  # noqa: E402
 from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers  # noqa: E402
 from fedmm.robustness.attacks import malicious_clients  # noqa: E402
@@ -45,14 +46,12 @@ def client_models(run, global_vectors, server_round):
 
 
 def mean_update(global_vectors, clients, members):
-    new = {}
-    for c, g in global_vectors.items():
+    """Each component's weighted mean over the members holding it (the product's FedAvg maths)."""
+    new = dict(global_vectors)
+    for c in global_vectors:
         rows = [(clients[p][1][c], clients[p][2][c]) for p in members if c in clients[p][1]]
         if rows:
-            w = np.array([n for _, n in rows], dtype=np.float64)
-            new[c] = (np.stack([v for v, _ in rows]) * (w / w.sum())[:, None]).sum(0).astype(np.float32)
-        else:
-            new[c] = g
+            new[c] = weighted_mean(np.stack([v for v, _ in rows]), np.array([n for _, n in rows], dtype=np.float64))
     return new
 
 

@@ -16,8 +16,8 @@ side by side in one process:
 - Flower's Krum.aggregate_train on the same Message objects.
 
 The behaviour check (a model per client, not a matrix) is timed apart, in seconds per client at the
-default model size. Peak memory is what numpy allocates during a call (tracemalloc), relative to one
-stacked copy of the updates. Prints one JSON line:
+default model size. Peak memory is what numpy allocates during a call (tracemalloc; the stacking
+buffer allocated afresh), relative to one stacked copy of the updates. Prints one JSON line:
 
     python benchmarks/trust_cost.py --clients 1000
 """
@@ -177,6 +177,7 @@ def main() -> None:
     malicious = set(range(int(ATTACKER_SHARE * n)))
     flagged = set(decision.dropped)
     stacked_bytes = n * sum(lay.size for lay in layouts.values()) * 4
+    buffers.clear()  # the peak counts the stack's own allocation, as in a first round
     result = {
         "benchmark": "trust_cost", "clients": n, "params": sum(lay.size for lay in layouts.values()),
         "components": {c: {"kind": component_kind(c, lay), "params": lay.size} for c, lay in layouts.items()},

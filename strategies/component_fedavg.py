@@ -56,6 +56,12 @@ def validate_replies(replies: Iterable[Message], node_components: Mapping[int, I
     return accepted, rejected
 
 
+def holders_by_component(updates: Iterable[ClientUpdate]) -> dict[str, list[ClientUpdate]]:
+    """Each component any update carries, in name order, with the updates that carry it (in their order)."""
+    updates = list(updates)
+    return {c: [u for u in updates if c in u.arrays] for c in sorted({c for u in updates for c in u.arrays})}
+
+
 def aggregate_updates(updates: list[ClientUpdate], layouts: Mapping[str, ComponentLayout]) -> AggregateResult:
     """Weighted mean of each component over its holders; a client with a non-finite value anywhere
     is dropped from every component and the means are taken again without it."""

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 from fedmm.core import protocol
 from fedmm.core.protocol import ClientUpdate
 from fedmm.core.schema import ConfigError, DpConfig
-from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
+from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite, holders_by_component
 from strategies.differential_privacy import PrivacyLedger, is_adaptive, is_client_side
 from strategies.nodes import NodeRegistry
 
@@ -164,8 +164,7 @@ class PerComponentStrategy(ComponentFedAvg):
             rejected += unclipped
         rule = self.rule_for(server_round, sent) if self.rule_for is not None else None
         arrays, declined, releases = {}, [], {u.node_id: 0 for u in finite}
-        for component in sorted({c for u in finite for c in u.arrays}):
-            holders = [u for u in finite if component in u.arrays]
+        for component, holders in holders_by_component(finite).items():
             strategy = self.instance(component)
             for layer in _layers(strategy):
                 if hasattr(layer, "num_sampled_clients"):  # DP noise is sigma * C / (this round's holders)

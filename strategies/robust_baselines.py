@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, Mult
 
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate
-from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite
+from strategies.component_fedavg import AggregateResult, ComponentFedAvg, drop_nonfinite, holders_by_component
 from strategies.nodes import NodeRegistry
 from strategies.per_component import VECTOR, component_replies
 
@@ -89,8 +89,7 @@ def aggregate_with_rule(server_round: int, updates: list[ClientUpdate], sent: Ma
     """New vector of each component that had holders, by `rule` over them, and the components the
     rule declined (left unchanged)."""
     out, declined = {}, []
-    for component in sorted({c for u in updates for c in u.arrays}):
-        holders = [u for u in updates if component in u.arrays]
+    for component, holders in holders_by_component(updates).items():
         vectors = [np.array(u.arrays[component]) for u in holders]
         weights = [u.component_weights[component] for u in holders]
         new = rule(server_round, component, vectors, weights, sent[component])

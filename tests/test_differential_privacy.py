@@ -140,3 +140,20 @@ def test_bad_dp_settings_stop_before_any_work(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         run = load_config(overrides=[*FAST, f"out={tmp_path / 'x'}", *extra])
         build_strategy(run, NodeRegistry(run))
+
+
+@pytest.mark.parametrize("bit,kept", [(0.0, True), (1.0, True), (None, False), (0.5, False), (2.0, False)])
+def test_adaptive_clipping_needs_a_0_1_norm_bit_per_component(bit, kept):
+    from fedmm.core import protocol
+    from fedmm.core.protocol import ClientUpdate
+    from strategies.per_component import check_client_clipping
+
+    sent = {"c": np.zeros(4, np.float32)}
+    metrics = {} if bit is None else {f"{protocol.NORM_BIT_PREFIX}c": bit}
+    update = ClientUpdate(1, {"c": np.full(4, 0.1, np.float32)}, 10, {"c": 10.0}, metrics)  # norm 0.2, within 1.0
+    ok, rejected = check_client_clipping([update], sent, {"c": 1.0}, need_norm_bits=True)
+    assert (ok == [update]) is kept
+    if not kept:
+        assert rejected[0][1] == "unclipped" and "norm-bit.c" in rejected[0][2]
+    # Fixed clipping needs no bit.
+    assert check_client_clipping([update], sent, {"c": 1.0}, need_norm_bits=False)[0] == [update]
