@@ -363,3 +363,19 @@ def test_behaviour_sample_reads_every_client_or_a_seeded_share_with_the_caught_f
     assert picked == trust.behaviour_sample(clients, rep, 3, np.random.default_rng(0))  # seeded
     seen = {c for s in range(30) for c in trust.behaviour_sample(clients, rep, 3, np.random.default_rng(s))}
     assert seen == set(clients)  # the draw reaches everyone over rounds
+
+
+def test_a_sampled_norm_gate_weighs_each_anchor_for_the_trusted_rows_it_stands_for():
+    # 4 trusted anchors standing for 40 trusted clients (norm 1), and 13 suspects: 4 honest (norm 1),
+    # 9 attackers (norm 4). Unweighted, the attackers are most of the rows and set the gate's median,
+    # so the honest suspects fail it; weighted, the attackers fail it and the honest ones do not.
+    rng = np.random.default_rng(0)
+    norms = np.array([1.0] * 8 + [4.0] * 9)
+    updates = rng.standard_normal((17, 64)).astype(np.float32)
+    updates *= (norms / np.linalg.norm(updates, axis=1))[:, None].astype(np.float32)
+    trusted = np.arange(17) < 4
+    unweighted = trust.inspect_layer(updates, trusted, ~trusted, norms)
+    assert not unweighted[:4].any()  # honest suspects gated out by the attackers' median
+    weighed = trust.inspect_layer(updates, trusted, ~trusted, norms, anchor_weight=10.0)
+    assert not weighed[4:].any()  # the attackers gated out
+    assert weighed[:4].all()  # the honest suspects, with the same statistics as the anchors, pass

@@ -415,8 +415,18 @@ def honest_members(features: np.ndarray, trusted: np.ndarray) -> np.ndarray:
     return labels == honest
 
 
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The weighted median: np.median under equal weights, else the smallest value with at least half
+    the total weight at or below it."""
+    if np.all(weights == weights[0]):
+        return float(np.median(values))
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
 def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarray,
-                  norms: np.ndarray | None = None, scale: float = 1.0, cohort: np.ndarray | None = None) -> np.ndarray:
+                  norms: np.ndarray | None = None, scale: float = 1.0, anchor_weight: float = 1.0) -> np.ndarray:
     """Verdicts (True = honest) for the suspicious rows of one layer's (N, p) updates.
 
     Suspicious rows whose norm lies more than two robust standard deviations from the median of the
@@ -425,15 +435,16 @@ def inspect_layer(updates: np.ndarray, trusted: np.ndarray, suspicious: np.ndarr
     reference's nine features, two average-linkage clusters) and pass when they join the cluster
     that holds most trusted rows. The reference is the trusted rows' mean (leave-one-out for them).
     `updates` may hold a sample of the layer's coordinates (`scale` = layer size / sample size);
-    norms are then estimated from it unless given. When the rows are a few trusted anchors beside
-    every suspect, `cohort` gives the norms of every trusted and suspicious client, so the gate's
-    median is not the suspects' (attackers can be most of them).
+    norms are then estimated from it unless given. When the trusted rows are a sample of the trusted
+    clients, each stands for `anchor_weight` of them in the gate's median and spread, so the
+    suspects (attackers can be most of them) weigh what they weigh in the whole cohort.
     """
     norms = np.linalg.norm(updates, axis=1) * math.sqrt(scale) if norms is None else norms
     rows = np.flatnonzero(suspicious)
-    cohort = norms[trusted | suspicious] if cohort is None else cohort
-    med = np.median(cohort)
-    spread = 2 * 1.4826 * np.median(np.abs(cohort - med))
+    cohort = trusted | suspicious
+    weights = np.where(trusted, anchor_weight, 1.0)[cohort]
+    med = weighted_median(norms[cohort], weights)
+    spread = 2 * 1.4826 * weighted_median(np.abs(norms[cohort] - med), weights)
     gate = np.abs(norms[rows] - med) <= max(spread, 0.1 * med, _EPS)
     trusted_rows = np.flatnonzero(trusted)
     group = np.concatenate([trusted_rows, rows[gate]])
@@ -715,10 +726,10 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
         if trusted.sum() < MIN_ANCHORS or not suspicious.any():
             continue
         # The trusted rows only anchor the honest cluster: a random MAX_ANCHORS of them are enough
-        # (the norm gate still reads every trusted row).
+        # (each then stands for its share of the trusted rows in the norm gate).
         anchors = np.flatnonzero(trusted)
-        sampled = len(anchors) > MAX_ANCHORS
-        if sampled:
+        anchor_weight = max(len(anchors) / MAX_ANCHORS, 1.0)
+        if len(anchors) > MAX_ANCHORS:
             anchors = np.sort(rng.choice(anchors, MAX_ANCHORS, replace=False))
         keep = np.concatenate([anchors, np.flatnonzero(suspicious)])
         trusted, suspicious = trusted[keep], suspicious[keep]
@@ -726,11 +737,8 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
         for sl in layer_slices(layouts[name]):
             size = sl.stop - sl.start
             picked = sl.start + coordinate_sample(size, rng, count=LAYER_SAMPLE, block=16)
-            scale = size / len(picked)
-            cohort = u.deltas[np.ix_(rows, picked)]
-            norms = np.linalg.norm(cohort, axis=1) * math.sqrt(scale)
-            verdict = inspect_layer(cohort[keep], trusted, suspicious, norms[keep], scale,
-                                    cohort=norms if sampled else None)
+            verdict = inspect_layer(u.deltas[np.ix_([rows[i] for i in keep], picked)], trusted, suspicious,
+                                    scale=size / len(picked), anchor_weight=anchor_weight)
             for c, ok in zip(suspect_ids, verdict):
                 honest[c] += int(ok)
                 judged[c] += 1
