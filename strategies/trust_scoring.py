@@ -67,7 +67,7 @@ def clip_to_median(kept: list[Message], stacked: Mapping[str, ComponentUpdates],
         rows = [i for i, p in enumerate(u.client_ids) if p in keep]
         if not rows:
             continue
-        for i, factor in zip(rows, clip_factors(row_norms(u.deltas[rows])).tolist()):
+        for i, factor in zip(rows, clip_factors(row_norms(u.deltas)[rows]).tolist()):
             if factor < 1.0:
                 vector = sent[component] + np.float32(factor) * u.deltas[i]
                 record = reply_of[node_of[u.client_ids[i]]].content[protocol.ARRAYS]
@@ -93,7 +93,8 @@ class TrustScoring(Strategy):
         self._sent: dict[int, tuple[str, ...]] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._behaviour: BehaviourCheck | None = None
-        self._stack_buffers: dict[str, np.ndarray] = {}  # reused round to round (see stack_deltas)
+        # Reused round to round (see stack_deltas): the largest round's (N, P) stack stays allocated.
+        self._stack_buffers: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         d = self.defense
@@ -123,7 +124,7 @@ class TrustScoring(Strategy):
         def judge(clients: list[int]) -> dict[int, str]:
             nonlocal behaviour_seconds
             started = time.perf_counter()
-            read = behaviour_sample(clients, self.reputation, d.behaviour_max_clients,
+            read = behaviour_sample(clients, self.reputation, d.behaviour_max_clients, d.behaviour_strikes,
                                     np.random.default_rng([self.registry.run.seed, server_round, 0xBE4A]))
             strength.update(self._strengths({p: updates[p] for p in read}))
             behaviour_seconds = time.perf_counter() - started
@@ -174,12 +175,15 @@ class TrustScoring(Strategy):
 
     def _report(self, decision: RoundDecision, rejected, partition, strength) -> dict[int, dict]:
         report: dict[int, dict] = {}
+        # Each client's row in each component's results (a dict: .index per client is quadratic in N).
+        position = {c: {p: i for i, p in enumerate(result.client_ids)} for c, result in decision.components.items()}
+        aggregated = set(decision.aggregated)
         for p, cat in decision.category.items():
-            indicators = {f"{c}.{name}": float(values[result.client_ids.index(p)])
-                          for c, result in decision.components.items() if p in result.client_ids
+            indicators = {f"{c}.{name}": float(values[position[c][p]])
+                          for c, result in decision.components.items() if p in position[c]
                           for name, values in result.indicators.items()}
             report[p] = {"trust": decision.trust[p], "consensus": decision.consensus.get(p), "category": cat,
-                         "decision": "aggregated" if p in decision.aggregated else decision.dropped.get(p, ""),
+                         "decision": "aggregated" if p in aggregated else decision.dropped.get(p, ""),
                          "inspection": decision.inspection.get(p), "indicators": indicators,
                          "behaviour": strength.get(p)}
         for p, reason in decision.dropped.items():

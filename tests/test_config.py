@@ -37,6 +37,8 @@ def test_overrides_are_typed():
         ("clients.profiles.a+b=vqa", "profile names"),
         ("data.examples_per_client=10", "'data.examples_per_client'=10 is too small"),
         ("clients.num=200", "'data.examples_per_task'=1800 is too small"),
+        ("defense.behaviour_max_clients=2", "'defense.behaviour_max_clients' must be 0"),
+        ("defense.behaviour_max_clients=-1", "'defense.behaviour_max_clients' must be 0"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -74,7 +74,7 @@ def test_lora_spectra_are_the_squared_singular_values_of_the_dense_update():
         np.testing.assert_allclose(s, dense[:6], rtol=1e-4, atol=1e-6 * scale)  # GRAM_RIDGE moves it 1e-5
 
 
-@pytest.mark.parametrize("size", [1e-4, 1e-2])
+@pytest.mark.parametrize("size", [1e-6, 1e-4, 1e-2])
 def test_lora_spectra_stay_accurate_for_small_updates(size):
     # Updates far smaller than the weights: no cancellation between the large terms.
     lay = lora_layout(out=40, inp=30, r=4)
@@ -101,6 +101,14 @@ def test_lora_spectra_of_a_zero_b_factor():
     dense = np.linalg.svd(deltas[0, pair.b].reshape(pair.b_shape) @ a0, compute_uv=False) ** 2
     s = trust.lora_delta_spectra(deltas, sent, pair)[0]
     np.testing.assert_allclose(s[:3], dense[:3], rtol=1e-4)
+    assert np.all(s[3:] <= 1e-8 * s[0])  # rank(dB A) <= r
+
+
+def test_an_unchanged_lora_pair_has_no_spectrum():
+    lay = lora_layout()
+    pair = trust.lora_pairs(lay)[0]
+    sent = RNG.standard_normal(lay.size).astype(np.float32)
+    assert np.all(trust.lora_delta_spectra(np.zeros((2, lay.size), np.float32), sent, pair) <= 1e-20)
 
 
 def test_lora_indicators_see_delta_w_not_the_factors():
@@ -352,17 +360,24 @@ def test_a_client_that_flips_every_component_is_rejected():
     assert alone.category[0] != trust.REJECTED and alone.trust[0] > max(alone.trust[c] for c in (1, 2, 3))
 
 
-def test_behaviour_sample_reads_every_client_or_a_seeded_share_with_the_caught_first():
+def test_behaviour_sample_reads_every_client_or_a_uniform_draw_of_those_not_held_out():
     rep = trust.Reputation()
-    rep.participate(7, earned=0, caught=True)
+    for _ in range(2):
+        rep.participate(7, earned=0, caught=True)  # two strikes: held out, not worth a slot
+    rep.participate(3, earned=0, caught=True)  # one catch: drawn like anyone else
     clients = list(range(10))
-    assert trust.behaviour_sample(clients, rep, 0, np.random.default_rng(0)) == clients
-    assert trust.behaviour_sample(clients, rep, 10, np.random.default_rng(0)) == clients
-    picked = trust.behaviour_sample(clients, rep, 3, np.random.default_rng(0))
-    assert len(picked) == 3 and 7 in picked and set(picked) <= set(clients)
-    assert picked == trust.behaviour_sample(clients, rep, 3, np.random.default_rng(0))  # seeded
-    seen = {c for s in range(30) for c in trust.behaviour_sample(clients, rep, 3, np.random.default_rng(s))}
-    assert seen == set(clients)  # the draw reaches everyone over rounds
+    assert trust.behaviour_sample(clients, rep, 0, 2, np.random.default_rng(0)) == clients
+    assert trust.behaviour_sample(clients, rep, 9, 2, np.random.default_rng(0)) == [c for c in clients if c != 7]
+    picked = trust.behaviour_sample(clients, rep, 5, 2, np.random.default_rng(0))
+    assert len(picked) == 5 and 7 not in picked and set(picked) <= set(clients)
+    assert picked == trust.behaviour_sample(clients, rep, 5, 2, np.random.default_rng(0))  # seeded
+    counts = np.zeros(10)
+    for s in range(2000):
+        counts[trust.behaviour_sample(clients, rep, 5, 2, np.random.default_rng(s))] += 1
+    assert counts[7] == 0
+    # Uniform over the nine open clients (5/9 of the rounds each), the caught client 3 included: a
+    # sample that favoured past catches would lift the cohort median to the attackers'.
+    np.testing.assert_allclose(np.delete(counts, 7) / 2000, 5 / 9, atol=0.04)
 
 
 def test_a_sampled_norm_gate_weighs_each_anchor_for_the_trusted_rows_it_stands_for():
@@ -379,3 +394,18 @@ def test_a_sampled_norm_gate_weighs_each_anchor_for_the_trusted_rows_it_stands_f
     weighed = trust.inspect_layer(updates, trusted, ~trusted, norms, anchor_weight=10.0)
     assert not weighed[4:].any()  # the attackers gated out
     assert weighed[:4].all()  # the honest suspects, with the same statistics as the anchors, pass
+
+
+def test_stage_two_weighs_sampled_anchors_for_every_trusted_client():
+    # 100 trusted clients (norm 1; only MAX_ANCHORS of them are read), 10 honest suspects (norm 1) and
+    # 50 attackers (norm 4) as suspects: weighted, the gate's median is the honest norm.
+    rng = np.random.default_rng(1)
+    lay = layout(**{"a": (64,), "b": (64,)})
+    norms = np.array([1.0] * 110 + [4.0] * 50)
+    deltas = rng.standard_normal((160, 128)).astype(np.float32)
+    deltas *= (norms / np.linalg.norm(deltas, axis=1))[:, None].astype(np.float32)
+    category = {c: trust.TRUSTED if c < 100 else trust.SUSPICIOUS for c in range(160)}
+    shares = trust._inspect({"c": trust.ComponentUpdates(list(range(160)), deltas)}, {"c": lay}, category,
+                            np.random.default_rng(0))
+    assert all(shares[c] == 0 for c in range(110, 160))  # every attacker fails every layer's gate
+    assert np.mean([shares[c] for c in range(100, 110)]) > 0.5  # honest suspects mostly pass

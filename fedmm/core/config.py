@@ -65,6 +65,7 @@ def _parse_value(key: str, raw: Any) -> Any:
 
 
 PROFILES_KEY = "clients.profiles"
+MIN_BEHAVIOUR_SAMPLE = 5  # defense.behaviour_max_clients: fewer read clients give no honest-majority median
 STRATEGY_ARGS_KEY = "strategy.args"
 
 
@@ -388,7 +389,9 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
     _positive("defense.root_examples", d.root_examples)
     _positive("defense.behaviour_examples", d.behaviour_examples)
     _positive("defense.behaviour_strikes", d.behaviour_strikes)
-    _positive("defense.behaviour_max_clients", d.behaviour_max_clients, allow_zero=True)
+    if d.behaviour_max_clients and d.behaviour_max_clients < MIN_BEHAVIOUR_SAMPLE:
+        raise ConfigError(f"config key 'defense.behaviour_max_clients' must be 0 (read every client) or >= "
+                          f"{MIN_BEHAVIOUR_SAMPLE} (the cohort median needs an honest majority), got {d.behaviour_max_clients}")
     _fraction("defense.behaviour_margin", d.behaviour_margin)
     from fedmm.robustness.attacks import resolve_attack
     from fedmm.core.tasks import task_specs

@@ -164,7 +164,7 @@ class DefenseConfig:
     behaviour_examples: int = 32  # trust: root examples per task the trigger search reads
     behaviour_margin: float = 0.3  # trust: how far above the cohort median trigger lift a client is caught
     behaviour_strikes: int = 2  # trust: times caught in its last 10 rounds that hold a client out
-    behaviour_max_clients: int = 0  # trust: clients the behaviour check reads per round (a seeded sample, those caught before first); 0 = all
+    behaviour_max_clients: int = 0  # trust: clients the behaviour check reads per round (a seeded uniform draw, >= 5); 0 = all
     clip_to_median: bool = False  # trust: scale each kept update down to the median norm of the kept ones, per component
 
 

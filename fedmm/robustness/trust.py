@@ -161,8 +161,10 @@ def _pair_grams(d: np.ndarray, fixed: np.ndarray, transpose: bool) -> tuple[np.n
 def lora_delta_spectra(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> np.ndarray:
     """(N, 2r) squared singular values of each client's ΔW = B'A' - BA (new minus sent), descending.
 
-    ΔW = dB A' + B dA = U V with U = [dB, B] (out x 2r) and V = [A'; dA] (2r x in): no cancellation
-    between large terms, so float32 Grams are accurate. ΔWᵀΔW shares its nonzero eigenvalues with
+    ΔW = dB A' + B dA = U V with U = [dB, B] (out x 2r) and V = [A'; dA] (2r x in): the large terms
+    of B'A' - BA do not cancel, so float32 Grams hold (relative error about GRAM_RIDGE); only an
+    update that mostly re-parametrises the factors (B' = B S, A' = S⁻¹ A) cancels between its two
+    terms and reads a few percent off. ΔWᵀΔW shares its nonzero eigenvalues with
     Lᵀ G_v L, where G_u = UᵀU = L Lᵀ and G_v = V Vᵀ are 2r x 2r, batched over the clients. Cost
     2r multiply-adds per factor value; no out x in matrix, no loop over clients.
     """
@@ -192,9 +194,11 @@ GRAM_RIDGE = 1e-5
 
 
 def _congruence(g_u: np.ndarray, g_v: np.ndarray) -> np.ndarray:
-    """Lᵀ G_v L with L Lᵀ = G_u (ridged), batched; the symmetric square root where Cholesky fails."""
+    """Lᵀ G_v L with L Lᵀ = G_u (ridged), batched; L = Q Λ^½ from G_u's eigenvectors where Cholesky fails."""
     diag = np.einsum("nii->ni", g_u)
-    ridge = GRAM_RIDGE * diag + _EPS * np.maximum(diag.max(axis=1, keepdims=True), _EPS)
+    # The absolute floor only keeps an all-zero row (an unchanged factor) defined; it must stay far
+    # below ‖dB‖², which can be 1e-12 of ‖B‖².
+    ridge = GRAM_RIDGE * diag + 1e-30 * np.maximum(diag.max(axis=1, keepdims=True), _EPS)
     ridged = g_u + ridge[:, :, None] * np.eye(g_u.shape[1])
     try:
         low = np.linalg.cholesky(ridged)
@@ -624,17 +628,19 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
     return bad, all_norms
 
 
-def behaviour_sample(clients: Sequence[int], reputation: Reputation, limit: int,
+def behaviour_sample(clients: Sequence[int], reputation: Reputation, limit: int, strikes: int,
                      rng: np.random.Generator) -> list[int]:
-    """The clients the behaviour check reads this round: all of them, or with `limit` > 0 at most
-    that many, those caught within their window first (so a strike is followed up), then a random
-    draw of the rest (so every client is read about limit / N of its rounds)."""
-    if not limit or len(clients) <= limit:
+    """The clients the behaviour check reads this round: all of them, or with `limit` > 0 a uniform
+    draw of at most that many among those not already held out by their strikes. Uniform, so that
+    the cohort median the outliers are judged against is a random honest-majority one (reading the
+    caught first would fill the sample with attackers and lift the median to theirs); each client
+    is read about limit / N of its rounds."""
+    if not limit:
         return list(clients)
-    caught = [c for c in clients if reputation.times_caught(c) > 0][:limit]
-    rest = [c for c in clients if c not in set(caught)]
-    drawn = rng.choice(len(rest), size=limit - len(caught), replace=False) if limit > len(caught) else []
-    return sorted(caught + [rest[i] for i in drawn])
+    open_ = [c for c in clients if reputation.times_caught(c) < strikes]
+    if len(open_) <= limit:
+        return open_
+    return sorted(open_[i] for i in rng.choice(len(open_), size=limit, replace=False))
 
 
 def _rows(u: ComponentUpdates, keep: set[int]) -> list[int]:
