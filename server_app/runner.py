@@ -45,7 +45,7 @@ from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
 from strategies import differential_privacy
 from strategies.defended import DefendedStrategy
-from fedmm.robustness.root_update import behaviour_check
+from fedmm.robustness.root_update import behaviour_check, root_update
 from strategies.robust_baselines import robust_strategy, round_rules
 from strategies.trust_scoring import TrustScoring
 from strategies.nodes import node_messages, send_in_batches
@@ -111,8 +111,10 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
     else:
         base = _per_component(run, registry, robust, common)
     if defense == "trust":
+        finetune = ((lambda vectors, server_round: root_update(run, vectors, server_round, run.defense.root_finetune_steps))
+                    if run.defense.root_finetune_steps else None)
         return TrustScoring(base, registry, run.defense, trainable_layouts(server_model(run)), limits,
-                            behaviour=lambda: behaviour_check(run))
+                            behaviour=lambda: behaviour_check(run), finetune=finetune)
     return base
 
 

@@ -81,8 +81,10 @@ class TrustScoring(Strategy):
 
     def __init__(self, inner: Strategy, registry: NodeRegistry, defense: DefenseConfig,
                  layouts: Mapping[str, ComponentLayout], limits: ReplyLimits | None = None,
-                 behaviour: Callable[[], BehaviourCheck] | None = None) -> None:
+                 behaviour: Callable[[], BehaviourCheck] | None = None,
+                 finetune: Callable[[Mapping[str, np.ndarray], int], Mapping[str, np.ndarray]] | None = None) -> None:
         self.inner = inner
+        self.finetune = finetune  # (aggregated vectors, round) -> the server's root-set update, per component
         self._behaviour_factory = behaviour  # built on first use: the model and root set load once
         self.layouts = dict(layouts)  # component -> its named tensors (indicators and inspection read them)
         self.registry = registry
@@ -149,6 +151,8 @@ class TrustScoring(Strategy):
         clipped = clip_to_median(kept, stacked, decision.aggregated, node_of, self._vectors) if d.clip_to_median else 0
         del stacked
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
+        if arrays is not None and self.finetune is not None:
+            arrays = self._finetuned(arrays, server_round)
         faulty = sum(reason.startswith("non-finite") for reason in decision.dropped.values())
         metrics = round_metrics(len(kept), rejected, [updates[p] for p in decision.aggregated],
                                 usable=len(accepted) - faulty)
@@ -163,6 +167,14 @@ class TrustScoring(Strategy):
             metrics["trust.behaviour_caught"] = sum(r.startswith("behaviour") for r in decision.dropped.values())
             metrics["trust.behaviour_seconds_per_client"] = behaviour_seconds / len(strength)
         return arrays, metrics
+
+    def _finetuned(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+        """The aggregate after the server's short training on its clean root set: what the kept
+        updates left of a backdoor fades where the clean data disagrees with it."""
+        vectors = {**self._vectors, **protocol.decode_record(arrays)}
+        update = self.finetune(vectors, server_round)
+        moved = {c: vectors[c] + d for c, d in update.items() if c in arrays.keys()}
+        return ArrayRecord({k: arrays[k] for k in arrays.keys()} | protocol.encode_arrays(moved))
 
     def _strengths(self, updates: Mapping[int, ClientUpdate]) -> dict[int, dict[str, float]]:
         """The behaviour check's trigger strengths of these clients (those past the input screen);

@@ -205,3 +205,31 @@ def test_stacking_reuses_its_buffer_and_grows_it_for_more_holders():
     grown = stack_deltas(updates(4), sent, buffers)["c"].deltas
     assert grown.shape == (4, 3) and not np.shares_memory(grown, first)
     np.testing.assert_array_equal(grown[:, 0], [0, 1, 2, 3])
+
+
+def test_root_finetune_moves_the_aggregate_by_the_servers_root_update(tmp_path):
+    import numpy as np
+    from flwr.app import ArrayRecord
+
+    run = fast_run(tmp_path, "defense.root_finetune_steps=3")
+    strategy = build_strategy(run, NodeRegistry(run))
+    assert strategy.finetune is not None
+    # The step itself, with a stand-in root update: +1 on one component, the others as aggregated.
+    seen = {}
+
+    def plus_one(vectors, server_round):
+        seen.update(vectors)
+        return {"fusion.shared": np.ones_like(vectors["fusion.shared"])}
+
+    strategy.finetune = plus_one
+    strategy._vectors = {"fusion.shared": np.zeros(3, np.float32), "head.vqa": np.zeros(2, np.float32)}
+    aggregated = protocol.to_array_record({"fusion.shared": np.full(3, 2.0, np.float32),
+                                           "head.vqa": np.full(2, 5.0, np.float32)})
+    out = strategy._finetuned(aggregated, 1)
+    assert isinstance(out, ArrayRecord)
+    np.testing.assert_array_equal(out["fusion.shared"].numpy(), np.full(3, 3.0))  # aggregate + update
+    np.testing.assert_array_equal(out["head.vqa"].numpy(), np.full(2, 5.0))
+    np.testing.assert_array_equal(seen["fusion.shared"], np.full(3, 2.0))  # it trains the aggregate, not the sent
+    # And the real one, inside a run.
+    summary = run_federation(LocalGrid(make_client_app(run), 6), run)
+    assert summary["status"] == "completed"

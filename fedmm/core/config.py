@@ -389,6 +389,10 @@ def _validate_attack_and_defense(run: RunConfig) -> None:
     _positive("defense.root_examples", d.root_examples)
     _positive("defense.behaviour_examples", d.behaviour_examples)
     _positive("defense.behaviour_strikes", d.behaviour_strikes)
+    _positive("defense.root_finetune_steps", d.root_finetune_steps, allow_zero=True)
+    if d.root_finetune_steps and d.root_finetune_steps < 3:
+        raise ConfigError(f"config key 'defense.root_finetune_steps' must be 0 (off) or >= 3 (a local step "
+                          f"budget, as train.local_steps), got {d.root_finetune_steps}")
     if d.behaviour_max_clients and d.behaviour_max_clients < MIN_BEHAVIOUR_SAMPLE:
         raise ConfigError(f"config key 'defense.behaviour_max_clients' must be 0 (read every client) or >= "
                           f"{MIN_BEHAVIOUR_SAMPLE} (the cohort median needs an honest majority), got {d.behaviour_max_clients}")

@@ -166,6 +166,7 @@ class DefenseConfig:
     behaviour_strikes: int = 2  # trust: times caught in its last 10 rounds that hold a client out
     behaviour_max_clients: int = 0  # trust: clients the behaviour check reads per round (a seeded uniform draw, >= 5); 0 = all
     clip_to_median: bool = False  # trust: scale each kept update down to the median norm of the kept ones, per component
+    root_finetune_steps: int = 0  # trust: steps the server trains the aggregated model on its root set each round; 0 = off
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -47,13 +47,16 @@ def root_data(run: RunConfig, tasks: list[str]) -> dict[str, TaskTensors]:
     return _ROOT[key]
 
 
-def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round: int) -> dict[str, np.ndarray]:
-    """Per component, the server's update (trained - sent) after `train.local_steps` on the root set."""
+def root_update(run: RunConfig, vectors: Mapping[str, np.ndarray], server_round: int,
+                steps: int | None = None) -> dict[str, np.ndarray]:
+    """Per component, the server's update (trained - sent) after `steps` (default `train.local_steps`)
+    on the root set."""
     tasks = server_tasks(run)
     components = client_components(tasks, run)
     model = module_bank(run).model(tasks)
     load_component_vectors(model, {c: vectors[c] for c in components}, components)
-    train_local(model, root_data(run, tasks), run.train, lr_at(server_round, run.rounds, run.train),
+    train = run.train if steps is None else replace(run.train, local_steps=steps)
+    train_local(model, root_data(run, tasks), train, lr_at(server_round, run.rounds, run.train),
                 seed=run.seed * 7919 + server_round, device=resolve_device(run.train.device))
     trained = component_vectors(model, components)
     return {c: trained[c] - vectors[c] for c in components}
