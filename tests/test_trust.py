@@ -409,3 +409,31 @@ def test_stage_two_weighs_sampled_anchors_for_every_trusted_client():
                             np.random.default_rng(0))
     assert all(shares[c] == 0 for c in range(110, 160))  # every attacker fails every layer's gate
     assert np.mean([shares[c] for c in range(100, 110)]) > 0.5  # honest suspects mostly pass
+
+
+def test_alie_colluders_are_near_duplicates_and_skewed_honest_clients_are_not():
+    from fedmm.core.schema import AttackConfig
+    from fedmm.robustness.attacks import AttackContext, alie
+
+    rng = np.random.default_rng(5)
+    p = 2000
+    common = rng.standard_normal(p)
+    # Honest: a shared direction plus each client's own, at norms from 0.2x to 3x (little or much data).
+    honest = np.stack([(0.5 * common + rng.standard_normal(p)) * s for s in np.linspace(0.2, 3.0, 8)])
+    colluders = np.stack([0.5 * common + rng.standard_normal(p) for _ in range(4)])
+    ctx = AttackContext(AttackConfig(), np.random.default_rng(0), None, num_sampled=12)
+    forged = alie(colluders.astype(np.float32), ctx)
+    assert trust.near_duplicates(honest.astype(np.float32)) == {}
+    flagged = trust.near_duplicates(np.vstack([honest, forged]).astype(np.float32))
+    assert set(flagged) == {8, 9, 10, 11}
+    assert all(8 <= j <= 11 and ratio < trust.NEAR_DUPLICATE for j, ratio in flagged.values())
+    assert trust.near_duplicates(forged[:3]) == {}  # too few holders to know a typical distance
+
+
+def test_the_screen_names_near_duplicates():
+    rng = np.random.default_rng(6)
+    deltas = rng.standard_normal((8, 64)).astype(np.float32)
+    deltas[5] = deltas[4] + 0.01 * rng.standard_normal(64).astype(np.float32)
+    updates = {"fusion.shared": trust.ComponentUpdates(list(range(8)), deltas)}
+    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
+    assert set(bad) == {4, 5} and bad[4].startswith("near-duplicate: fusion.shared") and "client 5" in bad[4]

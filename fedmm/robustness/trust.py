@@ -625,7 +625,35 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
                 a, b = u.client_ids[first], u.client_ids[i]
                 bad.setdefault(b, f"duplicate: {c} identical to client {a}'s")
                 bad.setdefault(a, f"duplicate: {c} identical to client {b}'s")
+        for i, (j, closeness) in near_duplicates(probed).items():
+            bad.setdefault(u.client_ids[ok[i]], f"near-duplicate: {c} at {closeness:.0%} of the cohort's typical "
+                                                f"distance from client {u.client_ids[ok[j]]}'s")
     return bad, all_norms
+
+
+# Honest clients train on their own data: no two updates are much closer to each other than the
+# cohort's typical pair. Colluders sending one forged update each with a little noise (ALIE's) are.
+NEAR_DUPLICATE = 0.25
+MIN_NEAR_DUPLICATE_HOLDERS = 4  # fewer holders give no typical distance to compare with
+
+
+def near_duplicates(sample: np.ndarray) -> dict[int, tuple[int, float]]:
+    """Rows whose nearest other row lies within NEAR_DUPLICATE of the median pairwise distance, with
+    that neighbour and the ratio. Distances are relative (over the larger of the two norms), so two
+    small updates (clients with little data) are not close just for being small; `sample` holds the
+    same coordinates of every row."""
+    n = len(sample)
+    if n < MIN_NEAR_DUPLICATE_HOLDERS:
+        return {}
+    x = sample.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    distance = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
+    relative = distance / np.maximum(np.sqrt(np.maximum(sq[:, None], sq[None, :])), _EPS)
+    typical = float(np.median(relative[np.triu_indices(n, 1)]))
+    np.fill_diagonal(relative, np.inf)
+    nearest = relative.argmin(axis=1)
+    ratio = relative[np.arange(n), nearest] / max(typical, _EPS)
+    return {i: (int(nearest[i]), float(ratio[i])) for i in np.flatnonzero((ratio < NEAR_DUPLICATE) & (typical > 0))}
 
 
 def behaviour_sample(clients: Sequence[int], reputation: Reputation, limit: int, strikes: int,
