@@ -21,7 +21,7 @@ from fedmm.core.components import flatten
 from fedmm.core.config import load_config
 from fedmm.models.model import server_model, trainable_layouts
 from fedmm.core.schema import ConfigError
-from server_app.runner import build_strategy, composition, run_federation
+from server_app.runner import build_strategy, run_federation
 from strategies import NodeRegistry
 from strategies.defended import DefendedStrategy
 from strategies.differential_privacy import ServerSideAdaptiveClipping
