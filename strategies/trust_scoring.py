@@ -149,7 +149,6 @@ class TrustScoring(Strategy):
         kept_nodes = {node_of[p] for p in decision.aggregated}
         kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
         clipped = clip_to_median(kept, stacked, decision.aggregated, node_of, self._vectors) if d.clip_to_median else 0
-        del stacked
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
         if arrays is not None and self.finetune is not None:
             arrays = self._finetuned(arrays, server_round)
