@@ -101,13 +101,20 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
         if s.name != "fedmm":
             raise ConfigError(f"config key 'defense.name'='oracle' is a bound measured with strategy.name=fedmm, "
                               f"not with {s.name!r}")
-        return OracleExclusion(registry, malicious_clients(run), **common)
+        return OracleExclusion(registry, malicious_clients(run), **common, lora_aggregation=s.lora_aggregation,
+                               layouts=trainable_layouts(server_model(run)))
     if s.name == "fedmm" and s.args:
         raise ConfigError(f"config key 'strategy.args.{next(iter(s.args))}': strategy.name=fedmm takes no "
                           "arguments; name a Flower strategy class to pass it some")
     robust = defense in ROBUST_RULES
+    if s.lora_aggregation != "factors" and (s.name != "fedmm" or robust or run.dp.name != "none"):
+        raise ConfigError(f"config key 'strategy.lora_aggregation'={s.lora_aggregation!r} is a rule of fedmm's "
+                          f"per-component FedAvg (strategy.name=fedmm, alone or under defense.name=trust, no dp), "
+                          f"not of strategy.name={s.name!r} with defense.name={defense!r} and dp.name={run.dp.name!r}")
     if s.name == "fedmm" and run.dp.name == "none":  # the fast paths
-        base = robust_strategy(run.defense, registry, run.seed, **common) if robust else ComponentFedAvg(registry, **common)
+        lora = dict(lora_aggregation=s.lora_aggregation, layouts=trainable_layouts(server_model(run)))
+        base = (robust_strategy(run.defense, registry, run.seed, **common) if robust
+                else ComponentFedAvg(registry, **common, **lora))
     else:
         base = _per_component(run, registry, robust, common)
     if defense == "trust":

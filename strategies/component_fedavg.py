@@ -23,6 +23,7 @@ from fedmm.core import protocol
 from fedmm.robustness.attacks import evaluation_views
 from fedmm.core.aggregation import ComponentInputs, aggregate_component
 from fedmm.core.components import ComponentLayout, flat_layouts, is_expert
+from fedmm.core.lora_ranks import combine_lora_pairs, lora_pairs
 from fedmm.core.protocol import ClientUpdate, ReplyError, ReplyLimits
 from strategies.evaluation import EvaluationResult, pool_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
@@ -165,7 +166,12 @@ class ComponentFedAvg(Strategy):
     """Per-component weighted FedAvg for clients with different modality-task profiles."""
 
     def __init__(self, registry: NodeRegistry, fraction_train: float = 1.0, min_train_nodes: int = 2,
-                 fraction_evaluate: float = 1.0, limits: ReplyLimits | None = None) -> None:
+                 fraction_evaluate: float = 1.0, limits: ReplyLimits | None = None,
+                 lora_aggregation: str = "factors", layouts: Mapping[str, ComponentLayout] | None = None) -> None:
+        if lora_aggregation != "factors" and layouts is None:
+            raise ValueError(f"lora_aggregation={lora_aggregation!r} needs the components' layouts")
+        self.lora_aggregation = lora_aggregation
+        self.layouts = dict(layouts or {})  # component -> its named tensors, where LoRA pairs are found
         self.registry = registry
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
@@ -214,8 +220,19 @@ class ComponentFedAvg(Strategy):
 
     def combine(self, server_round: int, updates: list[ClientUpdate],
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
-        """Validated updates -> new component vectors: the weighted mean (subclasses swap the rule)."""
-        return aggregate_updates(updates, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
+        """Validated updates -> new component vectors: the weighted mean (subclasses swap the rule); with
+        `lora_aggregation` qr or dense_svd each LoRA pair is the exact sum of the clients' B·A instead."""
+        result = aggregate_updates(updates, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
+        if self.lora_aggregation != "factors":
+            for component, mean in list(result.arrays.items()):
+                layout = self.layouts.get(component)
+                if layout is None or not lora_pairs(layout):
+                    continue
+                holders = [u for u in result.accepted if component in u.arrays]
+                result.arrays[component] = combine_lora_pairs(
+                    layout, [u.arrays[component] for u in holders], [u.component_weights[component] for u in holders],
+                    mean, self.lora_aggregation)
+        return result
 
     def sent_vectors(self) -> dict[str, np.ndarray]:
         """This round's global component vectors, as sent."""

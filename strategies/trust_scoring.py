@@ -198,7 +198,8 @@ class TrustScoring(Strategy):
                          "inspection": decision.inspection.get(p), "indicators": indicators,
                          "behaviour": strength.get(p)}
         for p, reason in decision.dropped.items():
-            report.setdefault(p, {"trust": None, "category": "unscored", "decision": reason})
+            report.setdefault(p, {"trust": None, "category": "unscored", "decision": reason,
+                                  "behaviour": strength.get(p)})
         for node, kind, detail in rejected:
             p = partition.get(node, node)
             report[p] = {"trust": None, "category": "unscored", "decision": f"{kind}: {detail}"}

@@ -100,3 +100,65 @@ def test_non_finite_factors_are_refused():
     b[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
         lora_ranks.truncate(b, a, 2)
+
+
+from fedmm.core.components import component_layouts  # noqa: E402
+
+
+def _layout(rank, d_out=12, d_in=10):
+    return component_layouts({"encoders.x.l.query.lora_A.default.weight": (rank, d_in),
+                              "encoders.x.l.query.lora_B.default.weight": (d_out, rank),
+                              "encoders.x.proj.weight": (3, d_in)})["encoder.x"]
+
+
+def _vector(layout, b, a, proj):
+    from fedmm.core.components import flatten
+    names = layout.names
+    return flatten(layout, {names[0]: a, names[1]: b, names[2]: proj})
+
+
+@pytest.mark.parametrize("method", ["qr", "dense_svd"])
+def test_combined_pairs_hold_the_best_rank_r_of_the_sum_of_products_of_clients_of_any_rank(method):
+    full = _layout(4)
+    vectors, dense, weights = [], 0, [1.0, 3.0, 2.0]
+    for r, w in zip([4, 2, 1], weights):
+        b, a, proj = RNG.standard_normal((12, r)), RNG.standard_normal((r, 10)), RNG.standard_normal((3, 10))
+        low = _layout(r)
+        # what a rank-r client sends: its own factors, in the global rank-4 layout
+        vectors.append(lora_ranks.from_rank(_vector(low, b, a, proj), low, full))
+        dense = dense + w / 6 * (1 / r) * b @ a  # peft: ΔW = (alpha / r) B A, alpha = 1
+    mean = np.average(np.stack(vectors), axis=0, weights=weights).astype(np.float32)
+    out = lora_ranks.combine_lora_pairs(full, vectors, weights, mean, method)
+    pair = lora_ranks.lora_pairs(full)[0]
+    b, a = out[pair.b].reshape(12, 4), out[pair.a].reshape(4, 10)
+    expected_b, expected_a = lora_ranks.truncate_dense(dense, np.eye(10), 4)
+    np.testing.assert_allclose((1 / 4) * b @ a, expected_b @ expected_a, atol=1e-5)
+    np.testing.assert_allclose(out[pair.b.stop:], mean[pair.b.stop:])  # the rest is the plain mean
+    # a rank-2 client's view: the best rank-2 part of the same ΔW
+    low = _layout(2)
+    view = lora_ranks.to_rank(out, full, low)
+    lp = lora_ranks.lora_pairs(low)[0]
+    b2, a2 = view[lp.b].reshape(12, 2), view[lp.a].reshape(2, 10)
+    best_b, best_a = lora_ranks.truncate_dense(dense, np.eye(10), 2)
+    np.testing.assert_allclose((1 / 2) * b2 @ a2, best_b @ best_a, atol=1e-5)
+
+
+def test_a_rank_round_trip_keeps_delta_w_and_pads_with_zeros():
+    full, low = _layout(4), _layout(2)
+    vector = _vector(low, RNG.standard_normal((12, 2)), RNG.standard_normal((2, 10)), RNG.standard_normal((3, 10)))
+    padded = lora_ranks.from_rank(vector, low, full)
+    np.testing.assert_allclose(lora_ranks.to_rank(padded, full, low), vector, rtol=1e-6)
+    pair = lora_ranks.lora_pairs(full)[0]
+    assert not padded[pair.a].reshape(4, 10)[2:].any() and not padded[pair.b].reshape(12, 4)[:, 2:].any()
+    with pytest.raises(ValueError, match="only LoRA ranks change"):
+        lora_ranks.to_rank(padded, full, component_layouts({n: (5, 5) for n in full.names})["encoder.x"])
+
+
+def test_zero_updates_leave_the_mean_and_unknown_methods_are_refused():
+    full = _layout(4)
+    pair = lora_ranks.lora_pairs(full)[0]
+    v = np.ones(full.size, np.float32)
+    v[pair.b] = 0
+    np.testing.assert_array_equal(lora_ranks.combine_lora_pairs(full, [v, v], [1, 1], v), v)
+    with pytest.raises(ValueError, match="not one of"):
+        lora_ranks.combine_lora_pairs(full, [v], [1], v, "svd")

@@ -437,3 +437,21 @@ def test_the_screen_names_near_duplicates():
     updates = {"fusion.shared": trust.ComponentUpdates(list(range(8)), deltas)}
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert set(bad) == {4, 5} and bad[4].startswith("near-duplicate: fusion.shared") and "client 5" in bad[4]
+
+
+def test_clients_the_behaviour_check_catches_take_no_part_in_the_statistics():
+    """A caught client is dropped for its behaviour and neither ranked nor used as an anchor; a client
+    at its strikes is held out the same way, and neither earns reputation."""
+    sent = {"fusion.shared": np.zeros(64, np.float32)}
+    rep = trust.Reputation()
+    for _ in range(2):
+        rep.participate(1, earned=0, caught=True)
+    updates = _updates()
+    updates["fusion.shared"].deltas[0] *= 3  # caught by behaviour this round, a confident-looking update
+    decision = trust.decide_round(updates, sent, LAYOUTS, rep, 1, np.random.default_rng(0),
+                                  behaviour=lambda clients: {0: "behaviour: planted"}, strikes=2)
+    assert decision.dropped[0] == "behaviour: planted" and decision.dropped[1].startswith("reputation: caught")
+    assert 0 not in decision.category and 1 not in decision.category and 0 not in decision.trust
+    assert decision.components["fusion.shared"].client_ids == list(range(2, 10))
+    assert rep.points.get(0, 0) == 0 and rep.points.get(1, 0) == 0 and rep.times_caught(0) == 1
+    assert set(decision.aggregated) <= set(range(2, 10)) and len(decision.aggregated) >= 5

@@ -122,3 +122,8 @@ def unflatten(layout: ComponentLayout, flat: np.ndarray) -> dict[str, np.ndarray
         name: flat[offset : offset + math.prod(shape)].reshape(shape)
         for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets)
     }
+
+
+def tensor_slices(layout: ComponentLayout) -> dict[str, tuple[slice, tuple[int, ...]]]:
+    """Each tensor's slice of the component's flat vector, and its shape."""
+    return {n: (slice(o, o + math.prod(s)), tuple(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}

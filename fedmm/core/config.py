@@ -16,6 +16,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedmm.core.lora_ranks import LORA_AGGREGATIONS
 from fedmm.core.schema import DEFAULT_PROFILES, ConfigError, RunConfig
 
 
@@ -32,6 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "defense.name": DEFENSES,
     "moe.fusion_ffn": ("full", "lora", "experts"),
     "moe.routing": ("topk", "grpo"),
+    "strategy.lora_aggregation": LORA_AGGREGATIONS,
     "dp.name": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
 }
 
@@ -251,6 +253,10 @@ def validate(run: RunConfig) -> None:
     _positive("clients.num", run.clients.num)
     _positive("clients.num_cpus", run.clients.num_cpus)
     _positive("clients.num_gpus", run.clients.num_gpus, allow_zero=True)
+    for rank in run.clients.lora_ranks:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= run.model.lora_r:
+            raise ConfigError(f"config key 'clients.lora_ranks': each rank must be an integer in 1..model.lora_r "
+                              f"({run.model.lora_r}), got {rank!r}")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size",
                 "patch_size", "max_text_length", "fusion_dim", "fusion_layers", "fusion_heads",
                 "lora_r", "lora_alpha"):

@@ -18,11 +18,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
 
+from fedmm.core.components import ComponentLayout, tensor_slices
+
 Factors = tuple[np.ndarray, np.ndarray]  # (B: d_out x r, A: r x d_in)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """Offsets of one adapted layer's factors inside a component vector: ΔW = B @ A."""
+
+    a: slice
+    a_shape: tuple[int, int]  # (r, in)
+    b: slice
+    b_shape: tuple[int, int]  # (out, r)
+
+
+def lora_pairs(layout: ComponentLayout) -> list[LoraPair]:
+    """The (A, B) factor pairs of a component, matched by name (peft's `lora_A` / `lora_B`)."""
+    segments = tensor_slices(layout)
+    pairs = []
+    for name, (sl, shape) in segments.items():
+        if ".lora_A." in name:
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            if b_name in segments:
+                b_sl, b_shape = segments[b_name]
+                pairs.append(LoraPair(sl, shape, b_sl, b_shape))  # type: ignore[arg-type]
+    return pairs
 
 
 def _check(factors: Sequence[Factors], weights: Sequence[float]) -> np.ndarray:
@@ -50,8 +78,9 @@ def stack_factors(factors: Sequence[Factors], weights: Sequence[float]) -> Facto
 
 
 def truncate(b: np.ndarray, a: np.ndarray, rank: int) -> Factors:
-    """The best rank-`rank` approximation of B·A as factors (B_r, A_r), singular values split evenly
-    between them so neither factor starts at zero: QR of B and Aᵀ, SVD of the small R x R core."""
+    """The best rank-`rank` approximation of B·A as factors (B_r = U_r S_r, A_r = V_rᵀ): QR of B and Aᵀ,
+    SVD of the small R x R core. A zero singular value keeps its direction in A (B's column is zero),
+    so the rank still trains."""
     b, a = _finite(b), _finite(a)
     q_b, r_b = _qr(b)
     q_a, r_a = _qr(a.T)
@@ -110,12 +139,12 @@ def truncate_dense(b: np.ndarray, a: np.ndarray, rank: int) -> Factors:
 
 
 def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int) -> Factors:
-    """B = U √S, A = √S Vᵀ, zero-padded to `rank` columns / rows when ΔW has fewer."""
-    root = np.sqrt(s)
+    """B = U S and A = Vᵀ (orthonormal rows, the scale of a freshly initialised A, so B learns at its
+    usual pace whatever the size of ΔW), zero-padded to `rank` when ΔW has fewer terms."""
     b = np.zeros((u.shape[0], rank))
     a = np.zeros((rank, vt.shape[1]))
-    b[:, : len(s)] = u * root
-    a[: len(s)] = root[:, None] * vt
+    b[:, : len(s)] = u * s
+    a[: len(s)] = vt
     return b, a
 
 
@@ -151,3 +180,71 @@ def relative_error(b: np.ndarray, a: np.ndarray, reference_b: np.ndarray, refere
     difference = product_norm(np.concatenate([b, -reference_b], axis=1), np.concatenate([a, reference_a], axis=0))
     reference = product_norm(reference_b, reference_a)
     return difference / reference if reference > 0 else difference
+
+
+LORA_AGGREGATIONS = ("factors", "qr", "dense_svd")  # the mean of A and B; the exact sum of B·A, by QR or dense SVD
+
+
+def combine_lora_pairs(layout: ComponentLayout, vectors: Sequence[np.ndarray], weights: Sequence[float],
+                       mean: np.ndarray, method: str = "qr") -> np.ndarray:
+    """`mean` (the weighted mean of the clients' component vectors) with each LoRA pair replaced by the
+    best rank-R approximation of the weighted sum of the clients' products B_k A_k (R: the pair's rank
+    in `layout`). Zero-padded terms of lower-rank clients drop out of the stack; ranks past the sum's
+    own keep the mean's A rows (with zero B columns: ΔW is unchanged and the rank still trains)."""
+    if method not in LORA_AGGREGATIONS[1:]:
+        raise ValueError(f"LoRA aggregation {method!r} is not one of {LORA_AGGREGATIONS[1:]}")
+    reduce = truncate if method == "qr" else truncate_dense
+    out = np.array(mean, dtype=np.float32, copy=True)
+    for pair in lora_pairs(layout):
+        rank = pair.a_shape[0]
+        factors = [(np.asarray(v[pair.b]).reshape(pair.b_shape), np.asarray(v[pair.a]).reshape(pair.a_shape))
+                   for v in vectors]
+        b, a = stack_factors(factors, weights)
+        live = np.any(b != 0, axis=0) & np.any(a != 0, axis=1)
+        if not live.any():
+            continue  # every client's B·A is zero: the mean is as good as any
+        b_r, a_r = reduce(b[:, live], a[live], rank)
+        dead = ~np.any(a_r != 0, axis=1)
+        a_r[dead] = out[pair.a].reshape(pair.a_shape)[dead]
+        out[pair.b] = b_r.reshape(-1)
+        out[pair.a] = a_r.reshape(-1)
+    return out
+
+
+# --- a client's rank-r view of the rank-R global adapter -------------------------------------------
+# peft scales B·A by alpha / r, so a rank-r client holding the leading r terms of the global factors,
+# each multiplied by sqrt(r / R), applies exactly (alpha / R) B_r A_r: the best rank-r part of the
+# global update when the factors are in SVD order (`truncate`).
+
+
+def _resize(vector: np.ndarray, source: ComponentLayout, target: ComponentLayout) -> np.ndarray:
+    if source.names != target.names:
+        raise ValueError(f"component layouts differ in their tensors: {source.names[:3]}... vs {target.names[:3]}...")
+    out = np.zeros(target.size, dtype=np.float32)
+    for name, s_shape, s_off, t_shape, t_off in zip(source.names, source.shapes, source.offsets,
+                                                   target.shapes, target.offsets):
+        value = vector[s_off: s_off + math.prod(s_shape)].reshape(s_shape)
+        if s_shape == t_shape:
+            resized = value
+        elif ".lora_A." in name and s_shape[1:] == t_shape[1:]:
+            resized = np.zeros(t_shape, np.float32)
+            r = min(s_shape[0], t_shape[0])
+            resized[:r] = value[:r] * np.sqrt(t_shape[0] / s_shape[0])
+        elif ".lora_B." in name and s_shape[:1] == t_shape[:1]:
+            resized = np.zeros(t_shape, np.float32)
+            r = min(s_shape[1], t_shape[1])
+            resized[:, :r] = value[:, :r] * np.sqrt(t_shape[1] / s_shape[1])
+        else:
+            raise ValueError(f"{name}: shape {s_shape} cannot become {t_shape} (only LoRA ranks change)")
+        out[t_off: t_off + resized.size] = resized.reshape(-1)
+    return out
+
+
+def to_rank(vector: np.ndarray, full: ComponentLayout, low: ComponentLayout) -> np.ndarray:
+    """A component vector of the rank-R global adapter as a rank-r client's vector (leading r terms)."""
+    return _resize(vector, full, low)
+
+
+def from_rank(vector: np.ndarray, low: ComponentLayout, full: ComponentLayout) -> np.ndarray:
+    """A rank-r client's component vector in the global rank-R layout, zero-padded: the same ΔW."""
+    return _resize(vector, low, full)

@@ -70,6 +70,9 @@ class ClientsConfig:
     num: int = 12
     # Profile name -> tasks. Empty means DEFAULT_PROFILES. Client i gets profile i mod #profiles.
     profiles: dict[str, list[str]] = field(default_factory=dict)
+    # LoRA rank per client: client i gets lora_ranks[i mod len], each at most model.lora_r (the global
+    # adapter's rank); empty means model.lora_r for every client. Under deployment, node config `lora-r`.
+    lora_ranks: list[int] = field(default_factory=list)
     # Ray resources per simulated client.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -99,6 +102,10 @@ class StrategyConfig:
     args: dict[str, str] = field(default_factory=dict)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
+    # How fedmm's per-component FedAvg combines LoRA factors: factors (the mean of A and of B, zero-padded
+    # across ranks: HetLoRA's), qr (the exact weighted sum of B·A, best rank model.lora_r by QR + a small
+    # SVD; each client takes its leading terms), dense_svd (the same sum by a dense SVD: FlexLoRA's, slow).
+    lora_aggregation: str = "factors"
     fraction_evaluate: float = 1.0
     fraction_final: float = 1.0  # share of clients in the final measurement (after personalization)
     reply_timeout: float = 0.0  # seconds to wait for replies, per batch of 256 messages; 0 waits for all
@@ -166,7 +173,7 @@ class DefenseConfig:
     behaviour_strikes: int = 2  # trust: times caught in its last 10 rounds that hold a client out
     behaviour_max_clients: int = 0  # trust: clients the behaviour check reads per round (a seeded uniform draw, >= 5); 0 = all
     clip_to_median: bool = False  # trust: scale each kept update down to the median norm of the kept ones, per component
-    root_finetune_steps: int = 0  # trust: steps the server trains the aggregated model on its root set each round; 0 = off
+    root_finetune_steps: int = 15  # trust: steps the server trains the aggregated model on its root set each round; 0 = off
 
 
 @dataclass

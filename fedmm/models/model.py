@@ -8,8 +8,10 @@ own modalities and tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from fedmm.core.components import component_layouts, component_of, component_order, flatten, unflatten
+from fedmm.core.lora_ranks import from_rank, to_rank
 from fedmm.core.schema import MoEConfig, RunConfig
 from fedmm.models.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
 from fedmm.models.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
@@ -309,6 +312,38 @@ def load_component_vectors(model: nn.Module, vectors: dict[str, np.ndarray], com
     load_trainable(model, arrays, components)
 
 
+class RankViews:
+    """A client whose adapters have a lower rank than the global ones: its own model (real rank-r peft
+    adapters) and the conversion of its component vectors to and from the global layout
+    (fedmm.core.lora_ranks: leading terms in, zero-padded out, the same ΔW both ways)."""
+
+    def __init__(self, run: RunConfig, tasks: Sequence[str], rank: int) -> None:
+        low_run = dataclasses.replace(run, model=dataclasses.replace(run.model, lora_r=rank))
+        components = list(module_bank(run).components(tasks))
+        self.model = module_bank(low_run).model(list(tasks))
+        self.full = _global_layouts(run, tuple(tasks))
+        self.low = trainable_layouts(self.model, components)
+
+    def to_client(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {c: v if self.full[c] == self.low[c] else to_rank(np.asarray(v), self.full[c], self.low[c])
+                for c, v in vectors.items()}
+
+    def to_global(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {c: v if self.full[c] == self.low[c] else from_rank(np.asarray(v), self.low[c], self.full[c])
+                for c, v in vectors.items()}
+
+
+_GLOBAL_LAYOUTS: dict[tuple, dict] = {}
+
+
+def _global_layouts(run: RunConfig, tasks: tuple[str, ...]) -> dict:
+    bank = module_bank(run)
+    key = (id(bank), tasks)
+    if key not in _GLOBAL_LAYOUTS:
+        _GLOBAL_LAYOUTS[key] = trainable_layouts(bank.model(list(tasks)), list(bank.components(tasks)))
+    return _GLOBAL_LAYOUTS[key]
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer as stored (frozen ones too)."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -324,5 +359,5 @@ def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> tup
 __all__ = [
     "MultiModalModel", "ModuleBank", "module_bank", "server_model", "server_tasks", "initial_global_vectors", "trainable_state", "load_trainable",
     "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
-    "client_components",
+    "client_components", "RankViews",
 ]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedmm.core.components import ComponentLayout
+from fedmm.core.components import ComponentLayout, tensor_slices
+from fedmm.core.lora_ranks import LoraPair, lora_pairs
 
 _EPS = 1e-12
 TOP_SHARE = 0.01  # spikiness: energy share of the top 1% coordinates (the reference's choice)
@@ -31,33 +32,6 @@ KIND_WEIGHTS = {
     "embedding": {**BASE_WEIGHTS, "embedding_rows": 0.3},
     "dense": BASE_WEIGHTS,
 }
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """Offsets of one adapted layer's factors inside a component vector: ΔW = B @ A."""
-
-    a: slice
-    a_shape: tuple[int, int]  # (r, in)
-    b: slice
-    b_shape: tuple[int, int]  # (out, r)
-
-
-def _segments(layout: ComponentLayout) -> dict[str, tuple[slice, tuple[int, ...]]]:
-    return {n: (slice(o, o + math.prod(s)), tuple(s)) for n, o, s in zip(layout.names, layout.offsets, layout.shapes)}
-
-
-def lora_pairs(layout: ComponentLayout) -> list[LoraPair]:
-    """The (A, B) factor pairs of a component, matched by name (peft's `lora_A` / `lora_B`)."""
-    segments = _segments(layout)
-    pairs = []
-    for name, (sl, shape) in segments.items():
-        if ".lora_A." in name:
-            b_name = name.replace(".lora_A.", ".lora_B.")
-            if b_name in segments:
-                b_sl, b_shape = segments[b_name]
-                pairs.append(LoraPair(sl, shape, b_sl, b_shape))  # type: ignore[arg-type]
-    return pairs
 
 
 def component_kind(component: str, layout: ComponentLayout) -> str:
@@ -225,7 +199,7 @@ def lora_indicators(deltas: np.ndarray, sent: np.ndarray, layout: ComponentLayou
 def head_jump(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
     """How far the most-changed class row of a head's weight stands above the mean row change,
     relative to that mean; a push towards one (unknown) target class shows here."""
-    segments = _segments(layout)
+    segments = tensor_slices(layout)
     name = next(n for n, (_, s) in segments.items() if len(s) == 2)
     sl, shape = segments[name]
     rows = np.linalg.norm(deltas[:, sl].reshape(len(deltas), *shape), axis=2)
@@ -236,7 +210,7 @@ def head_jump(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
 def embedding_rows(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
     """Share of the embedding update's row-norm mass in its top 0.1% rows (at least 10): a trigger
     token's row moves alone."""
-    segments = _segments(layout)
+    segments = tensor_slices(layout)
     shares = np.zeros(len(deltas))
     for name, (sl, shape) in segments.items():
         if "embeddings" in name and len(shape) == 2:
@@ -472,7 +446,7 @@ MIN_ANCHORS = 3  # fewer trusted rows cannot anchor the honest cluster (one or t
 
 def layer_slices(layout: ComponentLayout) -> list[slice]:
     """Each tensor of a component is one layer of the inspection."""
-    return [sl for sl, _ in _segments(layout).values()]
+    return [sl for sl, _ in tensor_slices(layout).values()]
 
 
 # --- reputation ----------------------------------------------------------------------------------
@@ -690,6 +664,17 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
     behaviour = dict(behaviour(clients)) if behaviour is not None and clients else {}
+    # A client the behaviour check catches, or holds out for its strikes, is decided: it takes no
+    # part in the statistics either, where it would shift the robust reference and, ranked trusted,
+    # anchor the honest cluster of the inspection (measured: scaling attackers ranked trusted made
+    # the inspection fail honest clients 24 times in 144 client-rounds).
+    held = dict(behaviour)
+    for c in clients:
+        if c not in held and reputation.times_caught(c) >= strikes:
+            held[c] = (f"reputation: caught by the behaviour check {reputation.times_caught(c)} times "
+                       f"in its last {Reputation.WINDOW} rounds")
+    caught_before = [c for c in clients if c in held and c not in behaviour]
+    clients = [c for c in clients if c not in held]
     scored: dict[str, ComponentTrust] = {}
     per_client: dict[int, list[float]] = {c: [] for c in clients}
     for name in sorted(components):
@@ -719,13 +704,8 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     for c, cat in category.items():
         if cat == REJECTED:
             dropped[c] = f"rejected: trust {trust[c]:.3f} in the bottom {rejected_fraction:.0%}"
-    honest = [c for c in clients if (category[c] == TRUSTED or c in passed) and c not in behaviour]
-    for c in clients:
-        if c in behaviour:
-            dropped[c] = behaviour[c]
-        elif reputation.times_caught(c) >= strikes:
-            dropped[c] = (f"reputation: caught by the behaviour check {reputation.times_caught(c)} times "
-                          f"in its last {Reputation.WINDOW} rounds")
+    honest = [c for c in clients if category[c] == TRUSTED or c in passed]
+    dropped.update(held)
     candidates = [c for c in honest if c not in dropped]
     if server_round > warmup_rounds:
         floor = reputation.threshold()  # over completed participations: this round does not count yet
@@ -735,13 +715,15 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
                 candidates.remove(c)
                 dropped[c] = f"reputation: {rate:.2f} per round, below {floor:.2f}"
     if not candidates:  # never leave a round without an aggregate while trusted clients exist
-        candidates = [c for c in clients if category[c] == TRUSTED and c not in behaviour]
+        candidates = [c for c in clients if category[c] == TRUSTED]
         for c in candidates:
             dropped.pop(c, None)
     # One point per round judged honest by the two stages, aggregated or held out by its past (so
     # an honest client recovers); never two, so passing inspection does not outrank being trusted.
     for c in clients:
-        reputation.participate(c, earned=int(c in honest), caught=c in behaviour)
+        reputation.participate(c, earned=int(c in honest))
+    for c in [*behaviour, *caught_before]:
+        reputation.participate(c, earned=0, caught=c in behaviour)
     return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
 
 

@@ -29,6 +29,7 @@ from fedmm.core.components import is_expert
 from fedmm.core.schema import RunConfig, TrainConfig
 from fedmm.data.scenes import client_task_splits, generated_client_splits, local_task_splits
 from fedmm.models.model import (
+    RankViews,
     client_components,
     component_vectors,
     load_component_vectors,
@@ -57,6 +58,12 @@ def assigned_profile(run: RunConfig, partition_id: int) -> str:
     return names[partition_id % len(names)]
 
 
+def assigned_rank(run: RunConfig, partition_id: int) -> int:
+    """Client i's LoRA rank: clients.lora_ranks[i mod len], or the global adapter's rank."""
+    ranks = run.clients.lora_ranks
+    return ranks[partition_id % len(ranks)] if ranks else run.model.lora_r
+
+
 def task_holders(run: RunConfig, task: str) -> list[int]:
     return [p for p in range(run.clients.num) if task in run.clients.profiles[assigned_profile(run, p)]]
 
@@ -67,6 +74,7 @@ class ClientIdentity:
     profile: str
     tasks: tuple[str, ...]
     data_path: str = ""  # the node's own data (node config `data-path`) instead of a generated partition
+    lora_rank: int = 0  # its adapters' rank (node config `lora-r`); 0 means the global adapter's
 
 
 def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentity:
@@ -78,7 +86,10 @@ def identify(run: RunConfig, node_config: Mapping[str, object]) -> ClientIdentit
         raise ValueError(f"partition-id {partition_id} is outside 0..{run.clients.num - 1} (clients.num)")
     profile = assigned_profile(run, partition_id)
     data_path = str(node_config.get("data-path", ""))
-    return ClientIdentity(partition_id, profile, tuple(run.clients.profiles[profile]), data_path)
+    rank = node_config.get("lora-r", assigned_rank(run, partition_id))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= run.model.lora_r:
+        raise ValueError(f"node config lora-r={rank!r} must be an integer in 1..{run.model.lora_r} (model.lora_r)")
+    return ClientIdentity(partition_id, profile, tuple(run.clients.profiles[profile]), data_path, rank)
 
 
 # Encoded splits of the clients this process served lately. Bounded: a process serving thousands of
@@ -164,14 +175,19 @@ class _Session:
     def __init__(self, run: RunConfig, me: ClientIdentity) -> None:
         self.run, self.me = run, me
         self.components = client_components(list(me.tasks), run)
-        self.model = module_bank(run).model(list(me.tasks))
+        self.ranks = RankViews(run, me.tasks, me.lora_rank) if 0 < me.lora_rank < run.model.lora_r else None
+        self.model = (self.ranks.model if self.ranks else module_bank(run).model(list(me.tasks)))
         self.device = resolve_device(run.train.device)
 
     def load(self, vectors: Mapping[str, np.ndarray]) -> None:
-        load_component_vectors(self.model, dict(vectors), self.components)
+        """Load global-layout vectors (a lower-rank client takes the leading terms of each adapter)."""
+        vectors = self.ranks.to_client(vectors) if self.ranks else dict(vectors)
+        load_component_vectors(self.model, vectors, self.components)
 
     def vectors(self) -> dict[str, np.ndarray]:
-        return component_vectors(self.model, self.components)
+        """The model's vectors in the global layout (a lower-rank client's adapters zero-padded)."""
+        vectors = component_vectors(self.model, self.components)
+        return self.ranks.to_global(vectors) if self.ranks else vectors
 
     def train(self, cfg: TrainConfig, lr: float, seed: int, distill: Distillation | None = None,
               proximal_mu: float = 0.0) -> TrainResult:

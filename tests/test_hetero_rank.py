@@ -1,0 +1,75 @@
+"""Clients of different LoRA ranks in one federation: real rank-r adapters on the client, the exact
+sum of their products on the server (fedmm.core.lora_ranks)."""
+
+import math
+
+import numpy as np
+import pytest
+from local_grid import LocalGrid
+from safetensors.numpy import load_file
+
+from client_apps.app import make_client_app
+from fedmm.core import protocol
+from fedmm.core.config import load_config
+from fedmm.core.lora_ranks import lora_pairs
+from fedmm.core.schema import ConfigError
+from fedmm.models.model import server_model, trainable_layouts
+from fedmm.training.client import ClientIdentity, _Session, identify
+from server_app.runner import build_strategy, run_federation
+from strategies import NodeRegistry
+
+FAST = ["clients.num=3", "data.examples_per_task=240", "model.image_encoder=", "model.text_encoder=",
+        "model.hidden_size=32", "model.intermediate_size=64", "model.fusion_dim=16", "rounds=2",
+        "train.local_steps=3", "train.batch_size=8", "clients.lora_ranks=2,4"]
+
+
+def fast_run(tmp_path, *extra):
+    return load_config(overrides=[*FAST, f"out={tmp_path / 'out'}", *extra])
+
+
+def test_each_client_builds_adapters_of_its_own_rank(tmp_path):
+    run = fast_run(tmp_path)
+    assert [identify(run, {"partition-id": p}).lora_rank for p in range(3)] == [2, 4, 2]
+    assert identify(run, {"partition-id": 1, "lora-r": 8}).lora_rank == 8  # node config wins (deployment)
+    with pytest.raises(ValueError, match="lora-r=16"):
+        identify(run, {"partition-id": 1, "lora-r": 16})
+    session = _Session(run, ClientIdentity(0, "image", ("img_shape",), "", 2))
+    shapes = {n: tuple(p.shape) for n, p in session.model.named_parameters() if "lora_" in n}
+    assert shapes and all(2 in s for s in shapes.values())
+
+
+@pytest.mark.parametrize("method", ["qr", "dense_svd"])
+def test_the_global_adapter_is_the_exact_sum_of_the_clients_products(tmp_path, method):
+    run = fast_run(tmp_path, f"strategy.lora_aggregation={method}")
+    replies = {}
+
+    def spy(partition):
+        def keep(reply):
+            replies.setdefault(partition, []).append(reply)
+            return reply
+        return keep
+
+    run_federation(LocalGrid(make_client_app(run), 3, tamper={p: spy(p) for p in range(3)}), run)
+    layout = trainable_layouts(server_model(run))["encoder.image"]
+    pair = lora_pairs(layout)[0]
+    name_at = dict(zip(layout.offsets, layout.names))
+    a_name, b_name = name_at[pair.a.start], name_at[pair.b.start]
+    total, weight_sum = 0.0, 0.0
+    for partition, rank in [(0, 2), (2, 2)]:  # the image encoder's holders, both of rank 2
+        reply = replies[partition][-1]  # round 2
+        update = protocol.validate_train_reply(reply, {c: (lay.size,) for c, lay in trainable_layouts(
+            server_model(run)).items() if c in reply.content[protocol.ARRAYS]}, list(reply.content[protocol.ARRAYS].keys()))
+        v = update.arrays["encoder.image"]
+        a, b = v[pair.a].reshape(pair.a_shape), v[pair.b].reshape(pair.b_shape)
+        assert not a[rank:].any() and not b[:, rank:].any() and b[:, :rank].any()  # rank 2, zero-padded
+        w = update.component_weights["encoder.image"]
+        total, weight_sum = total + w * b @ a, weight_sum + w
+    final = load_file(str(tmp_path / "out" / "checkpoints" / "round-0002.safetensors"))
+    assert final[a_name].shape == pair.a_shape and math.prod(pair.a_shape) > 0
+    np.testing.assert_allclose(final[b_name] @ final[a_name], total / weight_sum, atol=1e-6)
+
+
+def test_lora_aggregation_is_refused_where_it_would_be_ignored(tmp_path):
+    run = fast_run(tmp_path, "strategy.lora_aggregation=qr", "defense.name=median")
+    with pytest.raises(ConfigError, match="strategy.lora_aggregation"):
+        build_strategy(run, NodeRegistry(run))
