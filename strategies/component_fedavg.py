@@ -110,6 +110,7 @@ def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[Cl
                   usable: int | None = None) -> MetricRecord:
     """Accepted / rejected counts (by kind) and the mean training loss per task. `usable` counts the
     replies that passed the checks (default: `accepted`; a defence may aggregate fewer of them)."""
+    updates = list(updates)
     metrics = MetricRecord({"clients-accepted": accepted, "clients-usable": accepted if usable is None else usable,
                             "clients-rejected": len(rejected)})
     for kind, count in sorted(Counter(kind for _, kind, _ in rejected).items()):
@@ -121,7 +122,23 @@ def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[Cl
                 losses.setdefault(key, []).append(value)
     for key, values in sorted(losses.items()):
         metrics[key] = float(np.mean(values))
+    metrics.update(rank_metrics(updates))
     return metrics
+
+
+def rank_metrics(updates: Iterable[ClientUpdate]) -> dict[str, float]:
+    """Where clients' LoRA ranks differ: per rank, the clients aggregated and their mean training loss."""
+    by_rank: dict[int, list[ClientUpdate]] = {}
+    for u in updates:
+        if protocol.LORA_RANK in u.metrics:
+            by_rank.setdefault(int(u.metrics[protocol.LORA_RANK]), []).append(u)
+    out: dict[str, float] = {}
+    for rank, group in sorted(by_rank.items()):
+        out[f"rank.{rank}.clients"] = len(group)
+        losses = [v for u in group for k, v in u.metrics.items() if k.startswith(protocol.TRAIN_LOSS_PREFIX)]
+        if losses:
+            out[f"rank.{rank}.train-loss"] = float(np.mean(losses))
+    return out
 
 
 def routing_metrics(updates: Iterable[ClientUpdate], sent: Mapping[int, Iterable[str]]) -> dict[str, float]:

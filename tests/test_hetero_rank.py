@@ -1,6 +1,7 @@
 """Clients of different LoRA ranks in one federation: real rank-r adapters on the client, the exact
 sum of their products on the server (fedmm.core.lora_ranks)."""
 
+import json
 import math
 
 import numpy as np
@@ -64,6 +65,10 @@ def test_the_global_adapter_is_the_exact_sum_of_the_clients_products(tmp_path, m
         assert not a[rank:].any() and not b[:, rank:].any() and b[:, :rank].any()  # rank 2, zero-padded
         w = update.component_weights["encoder.image"]
         total, weight_sum = total + w * b @ a, weight_sum + w
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train.clients-accepted" in r]
+    assert trained and all(r["train.rank.2.clients"] == 2 and r["train.rank.4.clients"] == 1 for r in trained)
+    assert all(np.isfinite(r["train.rank.4.train-loss"]) for r in trained)
     final = load_file(str(tmp_path / "out" / "checkpoints" / "round-0002.safetensors"))
     assert final[a_name].shape == pair.a_shape and math.prod(pair.a_shape) > 0
     np.testing.assert_allclose(final[b_name] @ final[a_name], total / weight_sum, atol=1e-6)

@@ -157,6 +157,7 @@ def _positive_int(value: object, what: str, limit: int | None = None) -> int:
 
 
 TRAIN_STEPS = "train-steps"
+LORA_RANK = "lora-rank"  # the rank of the client's adapters, when ranks differ across clients
 
 
 def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...]], components: list[str],
@@ -212,7 +213,7 @@ def _reply_schema(components: tuple[str, ...]) -> tuple[tuple[tuple[str, str], .
     count_keys = tuple((c, f"{EXAMPLES_PREFIX}{c}") for c in components if not is_expert(c))
     tasks = [c.split(".", 1)[1] for c in components if c.startswith("head.")]
     routed = {routed_key(m, c) for c in components if is_expert(c) for m in _routing_modalities(c, list(components))}
-    allowed = {NUM_EXAMPLES, TRAIN_STEPS} | {key for _, key in count_keys} | {
+    allowed = {NUM_EXAMPLES, TRAIN_STEPS, LORA_RANK} | {key for _, key in count_keys} | {
         f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed | {
         f"{NORM_BIT_PREFIX}{c}" for c in components}
     if routed:

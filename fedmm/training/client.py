@@ -229,6 +229,8 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
     counts = {c: max(n, 1) for c, n in counts.items()}
     metrics = {f"{protocol.TRAIN_LOSS_PREFIX}{t}": v for t, v in result.loss.items()}
     metrics[protocol.TRAIN_STEPS] = float(result.steps)
+    if run.clients.lora_ranks or me.lora_rank not in (0, run.model.lora_r):
+        metrics[protocol.LORA_RANK] = float(me.lora_rank)
     for component, by_modality in routed.items():
         metrics.update({protocol.routed_key(m, component): float(n) for m, n in by_modality.items()})
     entropy = mean_routing_entropy(s.model)
