@@ -78,3 +78,26 @@ def test_lora_aggregation_is_refused_where_it_would_be_ignored(tmp_path):
     run = fast_run(tmp_path, "strategy.lora_aggregation=qr", "defense.name=median")
     with pytest.raises(ConfigError, match="strategy.lora_aggregation"):
         build_strategy(run, NodeRegistry(run))
+
+
+def test_a_client_that_changes_rank_between_rounds_takes_the_leading_terms_of_the_same_global(tmp_path):
+    """Partition 0 trains at rank 2 in round 1, then its node restarts with lora-r=4 (deployment)."""
+    run = fast_run(tmp_path, "strategy.lora_aggregation=qr")
+    grid = None
+    arrays = []
+
+    def restart_at_rank_4(reply):
+        arrays.append(protocol.decode_record(reply.content[protocol.ARRAYS])["encoder.image"].copy())
+        node = next(n for n, p in grid.partition_of.items() if p == 0)
+        grid.contexts[node].node_config["lora-r"] = 4
+        return reply
+
+    grid = LocalGrid(make_client_app(run), 3, tamper={0: restart_at_rank_4})
+    run_federation(grid, run)
+    pair = lora_pairs(trainable_layouts(server_model(run))["encoder.image"])[0]
+    first, second = (v[pair.b].reshape(pair.b_shape) for v in arrays)
+    assert first[:, :2].any() and not first[:, 2:].any()
+    assert second[:, 2:4].any() and not second[:, 4:].any()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train.clients-accepted" in r]
+    assert [r.get("train.rank.4.clients") for r in trained] == [1, 2]
