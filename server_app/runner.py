@@ -31,6 +31,7 @@ from fedmm.core.protocol import ReplyLimits
 from fedmm.core.results import (
     RunFailed,
     RunResults,
+    async_state_path,
     checkpoint_path,
     detection_scores,
     print_table,
@@ -40,6 +41,7 @@ from fedmm.core.results import (
     trust_state_path,
 )
 from server_app.adversary import forge_replies
+from server_app.async_rounds import AsyncRounds, sync_round_time
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
@@ -264,7 +266,13 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
-    results = RunResults(run.out, run, state_paths=tuple(path for _, path in _stateful(strategy)))
+    rounds = AsyncRounds(run, registry) if run.strategy.mode == "async" else None
+    attack = resolve_attack(run.attack)
+    if rounds is not None and attack is not None and attack.model is not None:
+        raise ConfigError(f"config key 'attack.name'={run.attack.name!r} forges updates from one round's global "
+                          "model; strategy.mode=async does not support model-poisoning attacks yet")
+    state_paths = tuple(path for _, path in _stateful(strategy)) + ((async_state_path,) if rounds else ())
+    results = RunResults(run.out, run, state_paths=state_paths)
     if run.resume:
         arrays = _restore(results, layouts, strategy)
         log(INFO, "resuming %s after round %d", run.out, results.last_round)
@@ -278,7 +286,11 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     strategy.summary()
     log(INFO, "aggregation, in order: %s", composition(run))
     ledger = next((part.ledger for part, _ in _stateful(strategy) if getattr(part, "ledger", None)), None)
-    attack = resolve_attack(run.attack)
+    if rounds is not None and run.resume and results.last_round > 0:
+        rounds.load_state(async_state_path(results.out, results.last_round),
+                          lambda v: protocol.to_array_record(_restore_arrays(results, layouts, v)))
+    elif rounds is not None:
+        rounds.start(arrays)
     malicious = malicious_clients(run)
     malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
     last_update: dict[str, np.ndarray] | None = None
@@ -301,13 +313,19 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                       **_evaluate(grid, evaluator, arrays, 0, run).record}
             results.log_round(record)
             results.checkpoint(0, _parameters(arrays, layouts))
+        simulated = next((r["time.simulated_s"] for r in reversed(results.history) if "time.simulated_s" in r), 0.0)
         for server_round in range(results.last_round + 1, run.rounds + 1):
             start = time.monotonic()
             random.seed(f"{run.seed}:{server_round}")  # Flower's own strategies sample with `random`
             np.random.seed((run.seed * 100_003 + server_round) % 2**32)  # ... and draw DP noise with np.random
             progress.update(bar, description=f"training round {server_round}")
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            replies = send_in_batches(grid, messages, _timeout(run))
+            if rounds is not None:
+                replies, sampled = rounds.replies(server_round, strategy, arrays, grid, _timeout(run))
+            else:
+                messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+                replies, sampled = send_in_batches(grid, messages, _timeout(run)), len(messages)
+                simulated += sync_round_time(run, server_round, [registry.info(m.metadata.dst_node_id).partition_id
+                                                                 for m in messages])
             # Every reply that arrived used the uplink, accepted or not.
             uplink = [_uplink_bytes(r) for r in replies if not r.has_error()]
             forging = attack is not None and attack.model is not None
@@ -323,16 +341,21 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                     last_update = {k: v - sent[k] for k, v in protocol.decode_record(arrays).items()}
             else:
                 log(WARNING, "round %d: no usable reply; global model unchanged", server_round)
-            record = {"round": server_round, "train.clients-sampled": len(messages),
+            if rounds is not None:
+                rounds.advance(server_round, arrays)
+            record = {"round": server_round, "train.clients-sampled": sampled,
                       "train.components-changed": changed, "nodes.refused": len(registry.refused),
                       "uplink.bytes": sum(uplink), "uplink.replies": len(uplink)}
             record.update({f"train.{k}": v for k, v in (train_metrics or {}).items()})
+            record.update(rounds.last if rounds is not None else {"time.simulated_s": simulated})
             if ledger is not None:
                 record["dp.epsilon"] = ledger.report()["epsilon"]
             if isinstance(strategy, TrustScoring):
                 record["trust"] = {str(p): entry for p, entry in sorted(strategy.last_report.items())}
             for part, path in _stateful(strategy):
                 part.save_state(path(results.out, server_round))
+            if rounds is not None:
+                rounds.save_state(async_state_path(results.out, server_round))
             record.update(_evaluate(grid, evaluator, arrays, server_round, run).record)
             record["time.round_s"] = time.monotonic() - start
             record["server.peak_rss_mb"] = peak_rss_mb()

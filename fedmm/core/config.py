@@ -34,6 +34,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "moe.fusion_ffn": ("full", "lora", "experts"),
     "moe.routing": ("topk", "grpo"),
     "strategy.lora_aggregation": LORA_AGGREGATIONS,
+    "strategy.mode": ("sync", "async"),
     "dp.name": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
 }
 
@@ -309,6 +310,7 @@ def validate(run: RunConfig) -> None:
     _fraction("strategy.fraction_final", run.strategy.fraction_final)
     _positive("strategy.min_train_nodes", run.strategy.min_train_nodes)
     _positive("strategy.reply_timeout", run.strategy.reply_timeout, allow_zero=True)
+    _validate_async(run)
     p = run.personal
     _positive("personal.margin", p.margin, allow_zero=True)
     for key in ("steps", "teacher_steps", "distill_steps", "distill_batch"):
@@ -442,3 +444,26 @@ def _validate_moe(run: RunConfig) -> None:
         raise ConfigError("config key 'moe.routing'=grpo needs 'moe.fusion_ffn'=experts (a router to train)")
     if m.routing == "grpo" and m.grpo_group < 2:
         raise ConfigError("config key 'moe.grpo_group' must be >= 2: advantages are relative to the group")
+
+
+def _validate_async(run: RunConfig) -> None:
+    s = run.strategy
+    if run.clients.speed_spread < 1:
+        raise ConfigError(f"config key 'clients.speed_spread' must be >= 1 (1: equal speeds), got {run.clients.speed_spread}")
+    for key in ("concurrency", "buffer_size", "max_staleness"):
+        _positive(f"strategy.{key}", getattr(s, key), allow_zero=True)
+    _positive("strategy.staleness_exponent", s.staleness_exponent, allow_zero=True)
+    if s.mode != "async":
+        return
+    if s.fraction_train != 1.0:
+        raise ConfigError("config key 'strategy.fraction_train' must be 1.0 with strategy.mode=async "
+                          "(strategy.concurrency decides how many clients train at once)")
+    in_flight = s.concurrency or run.clients.num
+    if in_flight > run.clients.num:
+        raise ConfigError(f"config key 'strategy.concurrency'={s.concurrency} exceeds clients.num={run.clients.num}")
+    if s.buffer_size and not s.min_train_nodes <= s.buffer_size <= in_flight:
+        raise ConfigError(f"config key 'strategy.buffer_size'={s.buffer_size} must be between "
+                          f"strategy.min_train_nodes ({s.min_train_nodes}) and the clients in flight ({in_flight})")
+    if in_flight < s.min_train_nodes:
+        raise ConfigError(f"strategy.mode=async keeps {in_flight} clients in flight, fewer than "
+                          f"strategy.min_train_nodes={s.min_train_nodes}")

@@ -36,6 +36,11 @@ def trust_state_path(out: Path, server_round: int) -> Path:
     return out / CHECKPOINTS / f"round-{server_round:04d}.trust.json"
 
 
+def async_state_path(out: Path, server_round: int) -> Path:
+    """Asynchronous rounds: the simulated clock and the jobs in flight after a round."""
+    return out / CHECKPOINTS / f"round-{server_round:04d}.async.json"
+
+
 def strategy_state_path(out: Path, server_round: int) -> Path:
     """A per-component Flower strategy's state (optimiser moments and the like) after a round."""
     return out / CHECKPOINTS / f"round-{server_round:04d}.strategy.safetensors"

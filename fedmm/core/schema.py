@@ -73,6 +73,9 @@ class ClientsConfig:
     # LoRA rank per client: client i gets lora_ranks[i mod len], each at most model.lora_r (the global
     # adapter's rank); empty means model.lora_r for every client. Under deployment, node config `lora-r`.
     lora_ranks: list[int] = field(default_factory=list)
+    # Simulated speeds: client i's jobs take a log-uniform factor in [1, speed_spread] of simulated
+    # seconds (seeded; 1 = all equal). Sync rounds wait for the slowest; async rounds do not.
+    speed_spread: float = 1.0
     # Ray resources per simulated client.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -106,6 +109,14 @@ class StrategyConfig:
     # across ranks: HetLoRA's), qr (the exact weighted sum of B·A, best rank model.lora_r by QR + a small
     # SVD; each client takes its leading terms), dense_svd (the same sum by a dense SVD: FlexLoRA's, slow).
     lora_aggregation: str = "factors"
+    # sync: rounds of sampled clients; async: keep `concurrency` clients busy (0: all) and aggregate each
+    # `buffer_size` replies (0: a third of those in flight, at least min_train_nodes), each discounted
+    # by (1 + staleness)^-staleness_exponent, replies staler than max_staleness versions dropped.
+    mode: str = "sync"
+    concurrency: int = 0
+    buffer_size: int = 0
+    max_staleness: int = 5
+    staleness_exponent: float = 0.5
     fraction_evaluate: float = 1.0
     fraction_final: float = 1.0  # share of clients in the final measurement (after personalization)
     reply_timeout: float = 0.0  # seconds to wait for replies, per batch of 256 messages; 0 waits for all
