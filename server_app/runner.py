@@ -41,7 +41,7 @@ from fedmm.core.results import (
     trust_state_path,
 )
 from server_app.adversary import forge_replies
-from server_app.async_rounds import AsyncRounds, sync_round_time
+from server_app.async_rounds import AsyncRounds, RealTimeRounds, sync_round_time
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
@@ -266,7 +266,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     layouts = trainable_layouts(model)
     full_bytes = parameter_bytes(model)
     trainable_bytes = sum(len(a.data) for a in arrays.values())
-    rounds = AsyncRounds(run, registry) if run.strategy.mode == "async" else None
+    rounds = ({"simulated": AsyncRounds, "real": RealTimeRounds}[run.strategy.async_clock](run, registry)
+              if run.strategy.mode == "async" else None)
     attack = resolve_attack(run.attack)
     if rounds is not None and attack is not None and attack.model is not None:
         raise ConfigError(f"config key 'attack.name'={run.attack.name!r} forges updates from one round's global "
@@ -286,11 +287,11 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     strategy.summary()
     log(INFO, "aggregation, in order: %s", composition(run))
     ledger = next((part.ledger for part, _ in _stateful(strategy) if getattr(part, "ledger", None)), None)
-    if rounds is not None and run.resume and results.last_round > 0:
-        rounds.load_state(async_state_path(results.out, results.last_round),
-                          lambda v: protocol.to_array_record(_restore_arrays(results, layouts, v)))
-    elif rounds is not None:
-        rounds.start(arrays)
+    if rounds is not None:
+        resumed = run.resume and results.last_round > 0
+        rounds.begin(arrays, results.last_round, grid, strategy,
+                     async_state_path(results.out, results.last_round) if resumed else None,
+                     lambda v: protocol.to_array_record(_restore_arrays(results, layouts, v)))
     malicious = malicious_clients(run)
     malicious_nodes = {n.node_id for n in registry.nodes() if n.partition_id in malicious}
     last_update: dict[str, np.ndarray] | None = None

@@ -28,6 +28,7 @@ class LocalGrid(Grid):
         self.tamper = tamper or {}  # partition id -> function applied to that node's train replies
         self.tamper_evaluate: dict[int, Tamper] = {}  # the same for evaluate replies
         self.sent: list[Message] = []
+        self.pending: dict[str, Message] = {}  # pushed, not yet pulled: message id -> reply
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
     def set_run(self, run) -> None:  # pragma: no cover - not used in process
@@ -43,11 +44,17 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.partition_of)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message is handled at once; its reply waits to be pulled."""
+        ids = []
+        for message in messages:
+            (reply,) = self.send_and_receive([message])
+            self.pending[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.pending.pop(m) for m in list(message_ids) if m in self.pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

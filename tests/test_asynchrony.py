@@ -107,3 +107,14 @@ def test_an_async_run_resumed_after_a_kill_ends_where_an_uninterrupted_one_does(
         np.testing.assert_array_equal(a[key], b[key])
     assert [r["time.simulated_s"] for r in _records(tmp_path / "whole" / "out")] == \
         [r["time.simulated_s"] for r in _records(tmp_path / "cut" / "out")]
+
+
+def test_the_real_clock_takes_replies_as_they_arrive_and_keeps_clients_busy(tmp_path):
+    run = fast_run(tmp_path, *ASYNC, "strategy.async_clock=real")
+    grid = LocalGrid(make_client_app(run), 4)
+    run_federation(grid, run)
+    rows = _records(tmp_path / "out")
+    assert [r["train.clients-accepted"] for r in rows] == [2] * 5
+    assert all(r["time.elapsed_s"] > 0 for r in rows) and all(r["async.in_flight"] == 4 for r in rows)
+    # every reply is pulled once and aggregated in arrival order: 4 first jobs, then 2 per version
+    assert sum(m.metadata.message_type == "train" for m in grid.sent) == 4 + 2 * 5

@@ -35,6 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "moe.routing": ("topk", "grpo"),
     "strategy.lora_aggregation": LORA_AGGREGATIONS,
     "strategy.mode": ("sync", "async"),
+    "strategy.async_clock": ("simulated", "real"),
     "dp.name": ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"),
 }
 

@@ -113,6 +113,9 @@ class StrategyConfig:
     # `buffer_size` replies (0: a third of those in flight, at least min_train_nodes), each discounted
     # by (1 + staleness)^-staleness_exponent, replies staler than max_staleness versions dropped.
     mode: str = "sync"
+    # async: arrivals on the simulated clock (reproducible, resumable exactly) or as they really come
+    # (real: a deployment's own speeds).
+    async_clock: str = "simulated"
     concurrency: int = 0
     buffer_size: int = 0
     max_staleness: int = 5
