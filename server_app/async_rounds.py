@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmm.core import protocol
 from fedmm.core.asynchrony import Job, VirtualClock, duration, rebase, staleness_weight
 from fedmm.core.schema import RunConfig
+from server_app.replies import uplink_bytes, widen_low_rank
 from strategies.nodes import NodeRegistry, send_in_batches
 
 
@@ -47,6 +48,7 @@ class AsyncRounds:
         self.clock = VirtualClock(run.seed, run.clients.speed_spread)
         self.versions: dict[int, ArrayRecord] = {}
         self.last: dict[str, float] = {}
+        self.uplink: list[int] = []
         self._pending: list[int] = []
 
     def begin(self, arrays: ArrayRecord, version: int, grid: Grid, strategy: Strategy,
@@ -73,6 +75,7 @@ class AsyncRounds:
             messages = [m for m in strategy.configure_train(version + 1, self.versions[version], ConfigRecord(), grid)
                         if m.metadata.dst_node_id in mine]
             arrived += [(reply, version) for reply in send_in_batches(grid, messages, timeout)]
+        self.uplink = [uplink_bytes(r) for r, _ in arrived if not r.has_error()]
         replies, self.last = discounted(self.run, arrived, self.versions, server_round, arrays)
         strategy.configure_train(server_round, arrays, ConfigRecord(), grid)  # what it aggregates against
         self._pending = [j.partition for j in jobs]
@@ -109,6 +112,7 @@ class RealTimeRounds:
         self.in_flight: dict[str, tuple[int, int]] = {}  # message id -> (node id, version)
         self.backlog: list[tuple[Message, int]] = []  # arrived, not yet aggregated
         self.last: dict[str, float] = {}
+        self.uplink: list[int] = []
         self.started = time.monotonic()
         self._grid: Grid | None = None
         self._strategy: Strategy | None = None
@@ -147,6 +151,7 @@ class RealTimeRounds:
             time.sleep(0.05)
         arrived = self.backlog[: buffer_size(self.run)]
         self.backlog = self.backlog[len(arrived):]
+        self.uplink = [uplink_bytes(r) for r, _ in arrived if not r.has_error()]
         replies, self.last = discounted(self.run, arrived, self.versions, server_round, arrays)
         strategy.configure_train(server_round, arrays, ConfigRecord(), grid)  # what it aggregates against
         self._replied = [reply.metadata.src_node_id for reply, _ in arrived]
@@ -174,6 +179,7 @@ def discounted(run: RunConfig, arrived: list[tuple[Message, int]], versions: dic
     """Replies (each with the version it trained on) rebased onto `arrays` (version server_round - 1),
     each update discounted by its staleness; those past the bound dropped. Returns them and the figures."""
     current, now = server_round - 1, protocol.decode_record(arrays)
+    widen_low_rank([reply for reply, _ in arrived], run)  # rebasing reads the global layout
     replies, staleness, dropped = [], [], 0
     for reply, version in arrived:
         tau = current - version

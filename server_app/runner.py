@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -42,6 +42,7 @@ from fedmm.core.results import (
 )
 from server_app.adversary import forge_replies
 from server_app.async_rounds import AsyncRounds, RealTimeRounds, sync_round_time
+from server_app.replies import uplink_bytes, widen_low_rank
 from strategies import ComponentFedAvg, NodeRegistry
 from strategies.evaluation import EvaluationResult
 from strategies.oracle import OracleExclusion
@@ -181,10 +182,6 @@ def composition(run: RunConfig) -> str:
 def check_strategy(run: RunConfig) -> None:
     """Fail on a bad `strategy.name` before any work starts."""
     build_strategy(run, NodeRegistry(run))
-
-
-def _uplink_bytes(reply: Message) -> int:
-    return sum(len(a.data) for record in reply.content.array_records.values() for a in record.values())
 
 
 def _timeout(run: RunConfig) -> float | None:
@@ -328,7 +325,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
                 simulated += sync_round_time(run, server_round, [registry.info(m.metadata.dst_node_id).partition_id
                                                                  for m in messages])
             # Every reply that arrived used the uplink, accepted or not.
-            uplink = [_uplink_bytes(r) for r in replies if not r.has_error()]
+            uplink = rounds.uplink if rounds is not None else [uplink_bytes(r) for r in replies if not r.has_error()]
+            replies = widen_low_rank(replies, run)
             forging = attack is not None and attack.model is not None
             if forging:
                 sent = protocol.decode_record(arrays)

@@ -14,8 +14,9 @@ from fedmm.core import protocol
 from fedmm.core.config import load_config
 from fedmm.core.lora_ranks import lora_pairs
 from fedmm.core.schema import ConfigError
-from fedmm.models.model import server_model, trainable_layouts
+from fedmm.models.model import rank_layouts, server_model, trainable_layouts
 from fedmm.training.client import ClientIdentity, _Session, identify
+from server_app.replies import widen_low_rank
 from server_app.runner import build_strategy, run_federation
 from strategies import NodeRegistry
 
@@ -44,20 +45,26 @@ def test_the_global_adapter_is_the_exact_sum_of_the_clients_products(tmp_path, m
     run = fast_run(tmp_path, f"strategy.lora_aggregation={method}")
     replies = {}
 
+    sizes = []
+
     def spy(partition):
         def keep(reply):
             replies.setdefault(partition, []).append(reply)
+            sizes.append((partition, reply.content[protocol.ARRAYS]["encoder.image"].numpy().size
+                          if "encoder.image" in reply.content[protocol.ARRAYS] else None))
             return reply
         return keep
 
     run_federation(LocalGrid(make_client_app(run), 3, tamper={p: spy(p) for p in range(3)}), run)
     layout = trainable_layouts(server_model(run))["encoder.image"]
+    low = rank_layouts(run, 2)["encoder.image"]
+    assert low.size < layout.size and {n for p, n in sizes if p in (0, 2)} == {low.size}  # rank-2 factors travel
     pair = lora_pairs(layout)[0]
     name_at = dict(zip(layout.offsets, layout.names))
     a_name, b_name = name_at[pair.a.start], name_at[pair.b.start]
     total, weight_sum = 0.0, 0.0
     for partition, rank in [(0, 2), (2, 2)]:  # the image encoder's holders, both of rank 2
-        reply = replies[partition][-1]  # round 2
+        reply = replies[partition][-1]  # round 2, as the server widened it
         update = protocol.validate_train_reply(reply, {c: (lay.size,) for c, lay in trainable_layouts(
             server_model(run)).items() if c in reply.content[protocol.ARRAYS]}, list(reply.content[protocol.ARRAYS].keys()))
         v = update.arrays["encoder.image"]
@@ -87,6 +94,7 @@ def test_a_client_that_changes_rank_between_rounds_takes_the_leading_terms_of_th
     arrays = []
 
     def restart_at_rank_4(reply):
+        widen_low_rank([reply], run)
         arrays.append(protocol.decode_record(reply.content[protocol.ARRAYS])["encoder.image"].copy())
         node = next(n for n, p in grid.partition_of.items() if p == 0)
         grid.contexts[node].node_config["lora-r"] = 4
@@ -101,3 +109,28 @@ def test_a_client_that_changes_rank_between_rounds_takes_the_leading_terms_of_th
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train.clients-accepted" in r]
     assert [r.get("train.rank.4.clients") for r in trained] == [1, 2]
+
+
+def test_a_low_rank_reply_is_widened_and_a_misfit_one_left_for_validation_to_reject(tmp_path):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # what a grid sets
+    run = fast_run(tmp_path)
+    low, full = rank_layouts(run, 2)["encoder.image"], rank_layouts(run, 8)["encoder.image"]
+    vector = np.random.default_rng(0).standard_normal(low.size).astype(np.float32)
+
+    def reply(size, rank):
+        content = RecordDict({protocol.ARRAYS: ArrayRecord({"encoder.image": Array(vector[:size].copy())}),
+                              protocol.METRICS: MetricRecord({protocol.LORA_RANK: rank})})
+        return Message(content, dst_node_id=1, message_type="train")
+
+    good, short, bogus = reply(low.size, 2.0), reply(low.size - 1, 2.0), reply(low.size, 2.5)
+    widen_low_rank([good, short, bogus], run)
+    widened = good.content[protocol.ARRAYS]["encoder.image"].numpy()
+    assert widened.size == full.size
+    pair_low, pair_full = lora_pairs(low)[0], lora_pairs(full)[0]
+    delta = lambda v, p: v[p.b].reshape(p.b_shape) @ v[p.a].reshape(p.a_shape)  # noqa: E731
+    np.testing.assert_allclose(delta(widened, pair_full) / 8, delta(vector, pair_low) / 2, rtol=1e-5, atol=1e-7)
+    assert short.content[protocol.ARRAYS]["encoder.image"].numpy().size == low.size - 1  # untouched
+    assert bogus.content[protocol.ARRAYS]["encoder.image"].numpy().size == low.size

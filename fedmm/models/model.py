@@ -318,9 +318,8 @@ class RankViews:
     (fedmm.core.lora_ranks: leading terms in, zero-padded out, the same ΔW both ways)."""
 
     def __init__(self, run: RunConfig, tasks: Sequence[str], rank: int) -> None:
-        low_run = dataclasses.replace(run, model=dataclasses.replace(run.model, lora_r=rank))
         components = list(module_bank(run).components(tasks))
-        self.model = module_bank(low_run).model(list(tasks))
+        self.model = module_bank(run_at_rank(run, rank)).model(list(tasks))
         self.full = _global_layouts(run, tuple(tasks))
         self.low = trainable_layouts(self.model, components)
 
@@ -331,6 +330,16 @@ class RankViews:
     def to_global(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {c: v if self.full[c] == self.low[c] else from_rank(np.asarray(v), self.low[c], self.full[c])
                 for c, v in vectors.items()}
+
+
+def run_at_rank(run: RunConfig, rank: int) -> RunConfig:
+    """The same run with encoder adapters of rank `rank`."""
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, lora_r=rank))
+
+
+def rank_layouts(run: RunConfig, rank: int) -> dict:
+    """Every component's layout at encoder LoRA rank `rank` (the server's whole model)."""
+    return _global_layouts(run_at_rank(run, rank), tuple(server_tasks(run)))
 
 
 _GLOBAL_LAYOUTS: dict[tuple, dict] = {}
@@ -359,5 +368,5 @@ def client_components(tasks: list[str] | tuple[str, ...], run: RunConfig) -> tup
 __all__ = [
     "MultiModalModel", "ModuleBank", "module_bank", "server_model", "server_tasks", "initial_global_vectors", "trainable_state", "load_trainable",
     "component_vectors", "load_component_vectors", "trainable_layouts", "StateKeyError", "parameter_bytes",
-    "client_components", "RankViews",
+    "client_components", "RankViews", "rank_layouts", "run_at_rank",
 ]

@@ -241,6 +241,8 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
         replaced = _update_personal(s, arrays, trained, s.criterion_losses(result), lr, server_round)
         metrics.update({f"{protocol.REPLACED_PREFIX}{t}": float(t in replaced) for t in me.tasks})
     sent = {c: v for c, v in trained.items() if not is_expert(c) or routed.get(c)}
+    if s.ranks:  # a lower-rank client sends its own rank-r factors; the server pads them (lora-rank says r)
+        sent = s.ranks.to_client(sent)
     return sent, sum(result.examples.values()), counts, metrics
 
 
