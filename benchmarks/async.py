@@ -10,7 +10,8 @@ three tasks, measured after every round / version.
 
 `time_to_sync_accuracy_ratio`: simulated time async needs to first reach the sync run's final
 accuracy (within `--tolerance`, the noise of a 360-example test set) over the sync run's total
-simulated time; None when it never does. Means over seeds; one JSON line per run, then the summary.
+simulated time; None when it never does. Means over seeds; one JSON line per run, then the summary;
+`async.png` plots accuracy against simulated time for every run.
 
     python benchmarks/async.py --seeds 2 --out results/async
 """
@@ -55,6 +56,23 @@ def run_one(mode: str, seed: int, out: Path, extra: list[str]) -> dict:
     return result
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """Accuracy against simulated time, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        t, acc = zip(*run["curve"])
+        ax.plot(t, acc, label=f"{run['mode']}, seed {run['seed']}", linestyle="-" if run["mode"] == "async" else "--")
+    ax.set_xlabel("simulated seconds")
+    ax.set_ylabel("global accuracy (mean over tasks)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in points if acc >= target), None)
 
@@ -68,14 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ratios, finals = [], {"sync": [], "async": []}
+    ratios, finals, curves = [], {"sync": [], "async": []}, []
     for seed in range(args.seeds):
         sync, asyn = (run_one(mode, seed, out, args.overrides) for mode in ("sync", "async"))
+        curves += [sync, asyn]
         reached = time_to_reach(asyn["curve"], sync["curve"][-1][1] - args.tolerance)
         ratios.append(None if reached is None else reached / sync["simulated_s"])
         finals["sync"].append(sync["final_accuracy"])
         finals["async"].append(asyn["final_accuracy"])
     (out / "async.json").write_text(json.dumps({"ratios": ratios, "finals": finals}, indent=2))
+    plot(curves, out / "async.png")
     print(json.dumps({"benchmark": "async", "setting": " ".join([*SETTING, *args.overrides]), "seeds": args.seeds,
                       "tolerance": args.tolerance, "ratio_per_seed": ratios,
                       "time_to_sync_accuracy_ratio": None if None in ratios else float(np.mean(ratios)),
