@@ -362,6 +362,8 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             results.log_round(record)  # last: a round is complete once its record is written
             accs = "  ".join(f"{k.split('.')[1]} {v:.3f}" for k, v in record.items()
                              if k.startswith("global.") and k.endswith(".accuracy"))
+            if rounds is not None:
+                accs += f"  staleness {record['async.staleness_mean']:.1f} (max {record['async.staleness_max']:.0f})"
             progress.update(bar, completed=server_round, description=accs)
             log(INFO, "round %d: %s", server_round, accs)
         # The final measurement: every client, after the personalization stage (if the method has one).

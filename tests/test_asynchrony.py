@@ -63,10 +63,12 @@ def _records(out):
             if "train.clients-accepted" in line]
 
 
-def test_async_rounds_aggregate_each_buffer_of_arrivals_with_their_staleness(tmp_path):
+def test_async_rounds_aggregate_each_buffer_of_arrivals_with_their_staleness(tmp_path, caplog):
     run = fast_run(tmp_path, *ASYNC)
     grid = LocalGrid(make_client_app(run), 4)
-    run_federation(grid, run)
+    with caplog.at_level("INFO", logger="flwr"):
+        run_federation(grid, run)
+    assert any("round 5:" in m and "staleness" in m for m in caplog.messages)  # the progress line shows it
     rows = _records(tmp_path / "out")
     assert [r["train.clients-accepted"] for r in rows] == [2] * 5
     times = [r["time.simulated_s"] for r in rows]
