@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmm.core import protocol
-from fedmm.core.asynchrony import Job, VirtualClock, duration, rebase, staleness_weight
+from fedmm.core.asynchrony import VirtualClock, duration, rebase, staleness_weight
 from fedmm.core.schema import RunConfig
 from server_app.replies import uplink_bytes, widen_low_rank
 from strategies.nodes import NodeRegistry, send_in_batches
@@ -208,6 +208,3 @@ def _rebased(reply: Message, sent: dict[str, np.ndarray], now: dict[str, np.ndar
 def sync_round_time(run: RunConfig, server_round: int, partitions: list[int]) -> float:
     """Simulated seconds of a synchronous round: it waits for its slowest sampled client."""
     return max((duration(run.seed, p, server_round - 1, run.clients.speed_spread) for p in partitions), default=0.0)
-
-
-__all__ = ["AsyncRounds", "Job", "RealTimeRounds", "buffer_size", "concurrency", "sync_round_time"]

@@ -317,16 +317,17 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             random.seed(f"{run.seed}:{server_round}")  # Flower's own strategies sample with `random`
             np.random.seed((run.seed * 100_003 + server_round) % 2**32)  # ... and draw DP noise with np.random
             progress.update(bar, description=f"training round {server_round}")
-            if rounds is not None:
+            if rounds is not None:  # its replies come counted, widened and rebased
                 replies, sampled = rounds.replies(server_round, strategy, arrays, grid, _timeout(run))
+                uplink = rounds.uplink
             else:
                 messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
                 replies, sampled = send_in_batches(grid, messages, _timeout(run)), len(messages)
                 simulated += sync_round_time(run, server_round, [registry.info(m.metadata.dst_node_id).partition_id
                                                                  for m in messages])
-            # Every reply that arrived used the uplink, accepted or not.
-            uplink = rounds.uplink if rounds is not None else [uplink_bytes(r) for r in replies if not r.has_error()]
-            replies = widen_low_rank(replies, run)
+                # Every reply that arrived used the uplink, accepted or not.
+                uplink = [uplink_bytes(r) for r in replies if not r.has_error()]
+                replies = widen_low_rank(replies, run)
             forging = attack is not None and attack.model is not None
             if forging:
                 sent = protocol.decode_record(arrays)

@@ -673,7 +673,6 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
         if c not in held and reputation.times_caught(c) >= strikes:
             held[c] = (f"reputation: caught by the behaviour check {reputation.times_caught(c)} times "
                        f"in its last {Reputation.WINDOW} rounds")
-    caught_before = [c for c in clients if c in held and c not in behaviour]
     clients = [c for c in clients if c not in held]
     scored: dict[str, ComponentTrust] = {}
     per_client: dict[int, list[float]] = {c: [] for c in clients}
@@ -722,7 +721,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     # an honest client recovers); never two, so passing inspection does not outrank being trusted.
     for c in clients:
         reputation.participate(c, earned=int(c in honest))
-    for c in [*behaviour, *caught_before]:
+    for c in held:
         reputation.participate(c, earned=0, caught=c in behaviour)
     return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
 
