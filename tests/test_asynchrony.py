@@ -120,3 +120,12 @@ def test_the_real_clock_takes_replies_as_they_arrive_and_keeps_clients_busy(tmp_
     assert all(r["time.elapsed_s"] > 0 for r in rows) and all(r["async.in_flight"] == 4 for r in rows)
     # every reply is pulled once and aggregated in arrival order: 4 first jobs, then 2 per version
     assert sum(m.metadata.message_type == "train" for m in grid.sent) == 4 + 2 * 5
+
+
+def test_a_model_attack_is_refused_in_async_mode_before_any_work(tmp_path):
+    from fedmm.core.schema import ConfigError
+
+    run = fast_run(tmp_path, *ASYNC, "attack.name=scaling", "attack.fraction=0.25")
+    with pytest.raises(ConfigError, match="does not support model-poisoning attacks"):
+        run_federation(LocalGrid(make_client_app(run), 4), run)
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -39,6 +39,12 @@ def test_overrides_are_typed():
         ("clients.num=200", "'data.examples_per_task'=1800 is too small"),
         ("defense.behaviour_max_clients=2", "'defense.behaviour_max_clients' must be 0"),
         ("defense.behaviour_max_clients=-1", "'defense.behaviour_max_clients' must be 0"),
+        ("clients.lora_ranks=2,16", "'clients.lora_ranks': each rank must be an integer in 1..model.lora_r (8), got 16"),
+        ("clients.lora_ranks=0", "'clients.lora_ranks'"),
+        ("strategy.lora_aggregation=svd", "'strategy.lora_aggregation' must be one of"),
+        ("clients.speed_spread=0.5", "'clients.speed_spread' must be >= 1"),
+        ("strategy.async_clock=wall", "'strategy.async_clock' must be one of"),
+        ("strategy.max_staleness=-1", "'strategy.max_staleness'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -131,3 +137,16 @@ def test_cli_resume_takes_the_runs_own_config(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("rounds: 2\n")
     assert main(["simulate", "--resume", str(tmp_path), "rounds=3"]) == 2
     assert "give no --config or overrides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.fraction_train=0.5"], "'strategy.fraction_train' must be 1.0 with strategy.mode=async"),
+    (["strategy.concurrency=20"], "'strategy.concurrency'=20 exceeds clients.num=12"),
+    (["strategy.buffer_size=13"], "'strategy.buffer_size'=13 must be between"),
+    (["strategy.buffer_size=1"], "'strategy.buffer_size'=1 must be between"),
+    (["strategy.concurrency=1"], "keeps 1 clients in flight, fewer than strategy.min_train_nodes=2"),
+])
+def test_bad_async_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["strategy.mode=async", *overrides])
+    assert message in str(err.value)
