@@ -26,6 +26,7 @@ from fedmm.robustness.attacks import malicious_clients, resolve_attack
 from fedmm.core.config import DEFENSES
 from fedmm.core.schema import ConfigError, RunConfig
 from fedmm.core.components import flatten, is_expert, unflatten
+from fedmm.models.encoders import lora_scaling
 from fedmm.models.model import initial_global_vectors, module_bank, parameter_bytes, server_model, trainable_layouts
 from fedmm.core.protocol import ReplyLimits
 from fedmm.core.results import (
@@ -100,6 +101,10 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
     s, defense = run.strategy, run.defense.name
     common = dict(fraction_train=s.fraction_train, min_train_nodes=s.min_train_nodes,
                   fraction_evaluate=s.fraction_evaluate, limits=limits)
+    if s.lora_aggregation == "flora" and (defense != "none" or s.mode != "sync"):
+        raise ConfigError(f"config key 'strategy.lora_aggregation'='flora' merges each round's sum into the base "
+                          f"weights, which fedmm does for synchronous rounds with no defence, not with "
+                          f"defense.name={defense!r} and strategy.mode={s.mode!r}")
     if defense == "oracle":  # the simulator's truth, as the adversary reads it: a bound, not a defence
         if s.name != "fedmm":
             raise ConfigError(f"config key 'defense.name'='oracle' is a bound measured with strategy.name=fedmm, "
@@ -115,7 +120,8 @@ def build_strategy(run: RunConfig, registry: NodeRegistry, limits: ReplyLimits |
                           f"per-component FedAvg (strategy.name=fedmm, alone or under defense.name=trust, no dp), "
                           f"not of strategy.name={s.name!r} with defense.name={defense!r} and dp.name={run.dp.name!r}")
     if s.name == "fedmm" and run.dp.name == "none":  # the fast paths
-        lora = dict(lora_aggregation=s.lora_aggregation, layouts=trainable_layouts(server_model(run)))
+        lora = dict(lora_aggregation=s.lora_aggregation, layouts=trainable_layouts(server_model(run)),
+                    lora_scaling=lora_scaling(run.model))
         base = (robust_strategy(run.defense, registry, run.seed, **common) if robust
                 else ComponentFedAvg(registry, **common, **lora))
     else:

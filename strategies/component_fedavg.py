@@ -23,7 +23,7 @@ from fedmm.core import protocol
 from fedmm.robustness.attacks import evaluation_views
 from fedmm.core.aggregation import ComponentInputs, aggregate_component
 from fedmm.core.components import ComponentLayout, flat_layouts, is_expert
-from fedmm.core.lora_ranks import combine_lora_pairs, lora_pairs
+from fedmm.core.lora_ranks import combine_lora_pairs, lora_pairs, merge_lora_pairs
 from fedmm.core.protocol import ClientUpdate, ReplyError, ReplyLimits
 from strategies.evaluation import EvaluationResult, pool_scores
 from strategies.nodes import NodeRegistry, array_shapes, node_messages
@@ -184,10 +184,14 @@ class ComponentFedAvg(Strategy):
 
     def __init__(self, registry: NodeRegistry, fraction_train: float = 1.0, min_train_nodes: int = 2,
                  fraction_evaluate: float = 1.0, limits: ReplyLimits | None = None,
-                 lora_aggregation: str = "factors", layouts: Mapping[str, ComponentLayout] | None = None) -> None:
+                 lora_aggregation: str = "factors", layouts: Mapping[str, ComponentLayout] | None = None,
+                 lora_scaling: float | None = None) -> None:
         if lora_aggregation != "factors" and layouts is None:
             raise ValueError(f"lora_aggregation={lora_aggregation!r} needs the components' layouts")
+        if lora_aggregation == "flora" and lora_scaling is None:
+            raise ValueError("lora_aggregation='flora' needs the adapters' scaling (alpha / r) to merge B·A")
         self.lora_aggregation = lora_aggregation
+        self.lora_scaling = lora_scaling
         self.layouts = dict(layouts or {})  # component -> its named tensors, where LoRA pairs are found
         self.registry = registry
         self.fraction_train = fraction_train
@@ -238,17 +242,22 @@ class ComponentFedAvg(Strategy):
     def combine(self, server_round: int, updates: list[ClientUpdate],
                 shapes: Mapping[str, tuple[int, ...]]) -> AggregateResult:
         """Validated updates -> new component vectors: the weighted mean (subclasses swap the rule); with
-        `lora_aggregation` qr or dense_svd each LoRA pair is the exact sum of the clients' B·A instead."""
+        `lora_aggregation` qr or dense_svd each LoRA pair is the exact sum of the clients' B·A instead,
+        with flora that sum merged into the base weight and the adapter restarted."""
         result = aggregate_updates(updates, flat_layouts({c: math.prod(s) for c, s in shapes.items()}))
-        if self.lora_aggregation != "factors":
-            for component, mean in list(result.arrays.items()):
-                layout = self.layouts.get(component)
-                if layout is None or not lora_pairs(layout):
-                    continue
-                holders = [u for u in result.accepted if component in u.arrays]
-                result.arrays[component] = combine_lora_pairs(
-                    layout, [u.arrays[component] for u in holders], [u.component_weights[component] for u in holders],
-                    mean, self.lora_aggregation)
+        if self.lora_aggregation == "factors":
+            return result
+        sent = self.sent_vectors() if self.lora_aggregation == "flora" else {}
+        for component, mean in list(result.arrays.items()):
+            layout = self.layouts.get(component)
+            if layout is None or not lora_pairs(layout):
+                continue
+            holders = [u for u in result.accepted if component in u.arrays]
+            vectors, weights = [u.arrays[component] for u in holders], [u.component_weights[component] for u in holders]
+            result.arrays[component] = (
+                merge_lora_pairs(layout, vectors, weights, mean, sent[component], self.lora_scaling)
+                if self.lora_aggregation == "flora"
+                else combine_lora_pairs(layout, vectors, weights, mean, self.lora_aggregation))
         return result
 
     def sent_vectors(self) -> dict[str, np.ndarray]:

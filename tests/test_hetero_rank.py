@@ -134,3 +134,43 @@ def test_a_low_rank_reply_is_widened_and_a_misfit_one_left_for_validation_to_rej
     np.testing.assert_allclose(delta(widened, pair_full) / 8, delta(vector, pair_low) / 2, rtol=1e-5, atol=1e-7)
     assert short.content[protocol.ARRAYS]["encoder.image"].numpy().size == low.size - 1  # untouched
     assert bogus.content[protocol.ARRAYS]["encoder.image"].numpy().size == low.size
+
+
+def test_flora_merges_each_rounds_exact_sum_into_the_base_that_clients_then_train_on(tmp_path):
+    run = fast_run(tmp_path, "strategy.lora_aggregation=flora")
+    replies = []
+    run_federation(LocalGrid(make_client_app(run), 3, tamper={p: (lambda r: replies.append(r) or r)
+                                                              for p in range(3)}), run)
+    layout = trainable_layouts(server_model(run))["encoder.image"]
+    pair = lora_pairs(layout)[0]
+    name_at = dict(zip(layout.offsets, layout.names))
+    a_name, b_name, w_name = (name_at[s.start] for s in (pair.a, pair.b, pair.base))
+    assert w_name.endswith("query.base_layer.weight") or w_name.endswith("q_proj.base_layer.weight")
+    first, final = (load_file(str(tmp_path / "out" / "checkpoints" / f"round-000{r}.safetensors")) for r in (1, 2))
+    total, weight_sum = 0.0, 0.0
+    shapes = {c: (lay.size,) for c, lay in trainable_layouts(server_model(run)).items()}
+    assert len(replies) == 6  # three training replies per round, in round order
+    for reply in replies[3:]:
+        if "encoder.image" not in reply.content[protocol.ARRAYS]:
+            continue
+        widen_low_rank([reply], run)
+        update = protocol.validate_train_reply(reply, {c: s for c, s in shapes.items()
+                                                       if c in reply.content[protocol.ARRAYS]},
+                                               list(reply.content[protocol.ARRAYS].keys()))
+        v = update.arrays["encoder.image"]
+        # the client trained on the round-1 merge: it sends back the base it received
+        np.testing.assert_array_equal(v[pair.base].reshape(final[w_name].shape), first[w_name])
+        w = update.component_weights["encoder.image"]
+        total = total + w * v[pair.b].reshape(pair.b_shape) @ v[pair.a].reshape(pair.a_shape)
+        weight_sum += w
+    scaling = run.model.lora_alpha / run.model.lora_r
+    np.testing.assert_allclose(final[w_name], first[w_name] + scaling * total / weight_sum, atol=1e-5)
+    assert not final[b_name].any() and not np.array_equal(final[w_name], first[w_name])
+    np.testing.assert_array_equal(final[a_name], first[a_name])  # a fresh adapter each round, same start
+
+
+def test_flora_is_refused_with_a_defence_or_async_rounds(tmp_path):
+    for extra in ("defense.name=trust", "strategy.mode=async"):
+        run = fast_run(tmp_path, "strategy.lora_aggregation=flora", extra)
+        with pytest.raises(ConfigError, match="flora"):
+            build_strategy(run, NodeRegistry(run))

@@ -162,3 +162,27 @@ def test_zero_updates_leave_the_mean_and_unknown_methods_are_refused():
     np.testing.assert_array_equal(lora_ranks.combine_lora_pairs(full, [v, v], [1, 1], v), v)
     with pytest.raises(ValueError, match="not one of"):
         lora_ranks.combine_lora_pairs(full, [v], [1], v, "svd")
+
+
+def test_flora_merges_the_exact_sum_into_the_sent_base_and_restarts_the_adapter():
+    names = {"a": "encoders.x.l.query.lora_A.default.weight", "b": "encoders.x.l.query.lora_B.default.weight",
+             "w": "encoders.x.l.query.base_layer.weight"}
+    layout = component_layouts({names["a"]: (4, 10), names["b"]: (12, 4), names["w"]: (12, 10)})["encoder.x"]
+    from fedmm.core.components import flatten
+    sent_w, sent_a = RNG.standard_normal((12, 10)), RNG.standard_normal((4, 10))
+    sent = flatten(layout, {names["w"]: sent_w, names["a"]: sent_a, names["b"]: np.zeros((12, 4))})
+    weights, vectors, dense = [1.0, 3.0], [], 0
+    for w in weights:
+        b, a = RNG.standard_normal((12, 4)), RNG.standard_normal((4, 10))
+        # a client that also tampered with its copy of the base: the server must not read it
+        vectors.append(flatten(layout, {names["w"]: sent_w + 5.0, names["a"]: a, names["b"]: b}))
+        dense = dense + w / 4 * b @ a
+    mean = np.average(np.stack(vectors), axis=0, weights=weights).astype(np.float32)
+    out = lora_ranks.merge_lora_pairs(layout, vectors, weights, mean, sent, scaling=0.5)
+    pair = lora_ranks.lora_pairs(layout)[0]
+    np.testing.assert_allclose(out[pair.base].reshape(12, 10), sent_w + 0.5 * dense, atol=1e-5)
+    np.testing.assert_array_equal(out[pair.a], sent[pair.a])
+    assert not out[pair.b].any()
+    with pytest.raises(ValueError, match="does not carry"):
+        lora_ranks.merge_lora_pairs(_layout(4), [np.ones(_layout(4).size)], [1.0], np.ones(_layout(4).size),
+                                    np.ones(_layout(4).size), 1.0)

@@ -38,10 +38,12 @@ class LoraPair:
     a_shape: tuple[int, int]  # (r, in)
     b: slice
     b_shape: tuple[int, int]  # (out, r)
+    base: slice | None = None  # the frozen weight W (out x in) it adapts, where the component carries it (flora)
 
 
 def lora_pairs(layout: ComponentLayout) -> list[LoraPair]:
-    """The (A, B) factor pairs of a component, matched by name (peft's `lora_A` / `lora_B`)."""
+    """The (A, B) factor pairs of a component, matched by name (peft's `lora_A` / `lora_B`, and the
+    layer's `base_layer.weight` where the component carries it)."""
     segments = tensor_slices(layout)
     pairs = []
     for name, (sl, shape) in segments.items():
@@ -49,7 +51,8 @@ def lora_pairs(layout: ComponentLayout) -> list[LoraPair]:
             b_name = name.replace(".lora_A.", ".lora_B.")
             if b_name in segments:
                 b_sl, b_shape = segments[b_name]
-                pairs.append(LoraPair(sl, shape, b_sl, b_shape))  # type: ignore[arg-type]
+                base = segments.get(name.split(".lora_A.")[0] + ".base_layer.weight")
+                pairs.append(LoraPair(sl, shape, b_sl, b_shape, base[0] if base else None))  # type: ignore[arg-type]
     return pairs
 
 
@@ -182,7 +185,8 @@ def relative_error(b: np.ndarray, a: np.ndarray, reference_b: np.ndarray, refere
     return difference / reference if reference > 0 else difference
 
 
-LORA_AGGREGATIONS = ("factors", "qr", "dense_svd")  # the mean of A and B; the exact sum of B·A, by QR or dense SVD
+# the mean of A and B; the exact sum of B·A, by QR or dense SVD; the exact sum merged into the base (FLoRA)
+LORA_AGGREGATIONS = ("factors", "qr", "dense_svd", "flora")
 
 
 def combine_lora_pairs(layout: ComponentLayout, vectors: Sequence[np.ndarray], weights: Sequence[float],
@@ -191,8 +195,8 @@ def combine_lora_pairs(layout: ComponentLayout, vectors: Sequence[np.ndarray], w
     best rank-R approximation of the weighted sum of the clients' products B_k A_k (R: the pair's rank
     in `layout`). Zero-padded terms of lower-rank clients drop out of the stack; ranks past the sum's
     own keep the mean's A rows (with zero B columns: ΔW is unchanged and the rank still trains)."""
-    if method not in LORA_AGGREGATIONS[1:]:
-        raise ValueError(f"LoRA aggregation {method!r} is not one of {LORA_AGGREGATIONS[1:]}")
+    if method not in ("qr", "dense_svd"):
+        raise ValueError(f"LoRA aggregation {method!r} is not one of ('qr', 'dense_svd')")
     reduce = truncate if method == "qr" else truncate_dense
     out = np.array(mean, dtype=np.float32, copy=True)
     for pair in lora_pairs(layout):
@@ -208,6 +212,27 @@ def combine_lora_pairs(layout: ComponentLayout, vectors: Sequence[np.ndarray], w
         a_r[dead] = out[pair.a].reshape(pair.a_shape)[dead]
         out[pair.b] = b_r.reshape(-1)
         out[pair.a] = a_r.reshape(-1)
+    return out
+
+
+def merge_lora_pairs(layout: ComponentLayout, vectors: Sequence[np.ndarray], weights: Sequence[float],
+                     mean: np.ndarray, sent: np.ndarray, scaling: float) -> np.ndarray:
+    """FLoRA: `mean` with each LoRA pair's exact weighted sum of the clients' updates merged into the
+    frozen weight it adapts, W + scaling · Σ w_k B_k A_k (`sent`'s W, never a client's copy), and the
+    adapter restarted as sent (A as sent, B = 0): every client begins the next round from the merged
+    base with a fresh adapter of its own rank. Needs the component to carry each pair's base weight."""
+    out = np.array(mean, dtype=np.float32, copy=True)
+    for pair in lora_pairs(layout):
+        if pair.base is None:
+            raise ValueError("flora merges the LoRA sum into the base weight, which this component does not "
+                             f"carry (a pair of shape {pair.b_shape[0]} x {pair.a_shape[1]} has none)")
+        factors = [(np.asarray(v[pair.b]).reshape(pair.b_shape), np.asarray(v[pair.a]).reshape(pair.a_shape))
+                   for v in vectors]
+        b, a = stack_factors(factors, weights)
+        base = np.asarray(sent[pair.base], np.float64).reshape(pair.b_shape[0], pair.a_shape[1])
+        out[pair.base] = (base + scaling * (b @ a)).reshape(-1)
+        out[pair.a] = sent[pair.a]
+        out[pair.b] = 0.0
     return out
 
 

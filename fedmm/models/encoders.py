@@ -178,6 +178,23 @@ def add_lora(backbone: nn.Module, cfg: ModelConfig) -> nn.Module:
     return backbone
 
 
+def lora_scaling(cfg: ModelConfig) -> float:
+    """The factor peft applies to B·A on every adapted layer (alpha / r; fedmm never sets rsLoRA)."""
+    return cfg.lora_alpha / cfg.lora_r
+
+
+CARRIES_BASE = "fedmm_carries_base"  # a LoRA layer whose frozen base weight travels in its component
+
+
+def carry_lora_bases(backbone: nn.Module) -> None:
+    """Mark each LoRA-adapted linear layer so that its frozen `base_layer.weight` is part of its
+    component's state (fedmm.models.model), as `strategy.lora_aggregation=flora` needs: the server
+    merges the clients' updates into it each round."""
+    for module in backbone.modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Linear) and hasattr(module, "lora_A"):
+            setattr(module, CARRIES_BASE, True)
+
+
 def image_size_of(backbone: nn.Module, default: int) -> int:
     return int(getattr(getattr(backbone, "config", None), "image_size", default) or default)
 

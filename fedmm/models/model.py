@@ -21,7 +21,8 @@ from torch import nn
 from fedmm.core.components import component_layouts, component_of, component_order, flatten, unflatten
 from fedmm.core.lora_ranks import from_rank, to_rank
 from fedmm.core.schema import MoEConfig, RunConfig
-from fedmm.models.encoders import add_lora, build_tokenizer, image_size_of, load_base_encoder
+from fedmm.models.encoders import (CARRIES_BASE, add_lora, build_tokenizer, carry_lora_bases, image_size_of,
+                                   load_base_encoder)
 from fedmm.models.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
 from fedmm.core.tasks import MODALITIES, TaskSpec, profile_modalities, task_specs
 
@@ -153,6 +154,8 @@ class ModuleBank:
             with torch.random.fork_rng():
                 _seeded(self.run.seed, f"lora:{modality}")
                 backbone = add_lora(backbone, m)
+                if self.run.strategy.lora_aggregation == "flora":
+                    carry_lora_bases(backbone)
                 self._encoders[modality] = ModalityEncoder(modality, backbone, m.fusion_dim)
             self._snapshot(f"encoders.{modality}", self._encoders[modality])
         return self._encoders[modality]
@@ -212,7 +215,8 @@ _BANKS: dict[str, ModuleBank] = {}
 
 def module_bank(run: RunConfig) -> ModuleBank:
     """The process-wide bank for this run's model and data config (built once, reused per message)."""
-    key = json.dumps([asdict(run.model), asdict(run.data), asdict(run.moe), run.seed], sort_keys=True)
+    key = json.dumps([asdict(run.model), asdict(run.data), asdict(run.moe), run.seed,
+                      run.strategy.lora_aggregation == "flora"], sort_keys=True)
     if key not in _BANKS:
         _BANKS[key] = ModuleBank(run)
     return _BANKS[key]
@@ -248,10 +252,12 @@ def _trainable(model: nn.Module, components: list[str] | None = None) -> dict[st
     """
     wanted = None if components is None else set(components)
     packed = packed_expert_lora(model)
+    carried = {f"{n}.base_layer.weight" if n else "base_layer.weight"
+               for n, m in model.named_modules() if getattr(m, CARRIES_BASE, False)}
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad or n in carried:
                 for name, tensor in expert_views(n, p, packed.get(n)).items():
                     if wanted is None or component_of(name) in wanted:
                         out[name] = tensor
