@@ -60,6 +60,29 @@ then
       "(--connect-timeout), then stops with exit status 1" >&2
   fi
 fi
+# With TLS, check the SuperLink's certificate against our CA before Flower does: Flower retries a
+# failed handshake with only a warning each time, so a wrong CA would look like a silent wait.
+if [ -n "$creds" ] && [ -f "$creds/ca.crt" ]; then
+  verdict=$(python - "$superlink" "$creds/ca.crt" <<'PY'
+import socket, ssl, sys
+host, _, port = sys.argv[1].rpartition(":")
+context = ssl.create_default_context(cafile=sys.argv[2])
+try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+            pass
+except ssl.SSLCertVerificationError as err:
+    print(err.verify_message or err.reason or err)
+except (OSError, ValueError):
+    pass  # not answering yet: said above, and Flower waits for it
+PY
+)
+  if [ -n "$verdict" ]; then
+    echo "supernode.sh: TLS verification of the SuperLink at $superlink failed against $creds/ca.crt: $verdict" \
+      "(is it the CA that signed the SuperLink's certificate, and does that certificate name this address?)" >&2
+    exit 2
+  fi
+fi
 node_config="partition-id=$partition"
 if [ -n "$data_path" ]; then
   [ -d "$data_path" ] || { echo "supernode.sh: --data-path $data_path is not a folder" >&2; exit 2; }

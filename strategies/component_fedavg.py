@@ -47,6 +47,8 @@ def validate_replies(replies: Iterable[Message], node_components: Mapping[int, I
     for reply in replies:
         node_id = reply.metadata.src_node_id
         try:
+            if node_id not in node_components and reply.has_error():  # the SuperLink's, for a node it lost
+                raise ReplyError("node-unavailable", f"the SuperLink answered for a node: {reply.error.reason}")
             if node_id not in node_components:
                 raise ReplyError("unknown-node", f"node {node_id} was not sent this round")
             components = list(node_components[node_id])

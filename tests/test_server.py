@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, Error, Message
+from flwr.app import Array, Error, Message, Metadata
 from local_grid import LocalGrid, as_reply, with_nan as _nan
 from safetensors.numpy import load_file
 
@@ -55,6 +55,15 @@ def _error(reply: Message) -> Message:
     return Message(metadata=reply.metadata, error=Error(code=1, reason="out of memory"))
 
 
+def _superlink_error(reply: Message) -> Message:
+    """What the SuperLink sends back for a message whose node went away (its own node id, 1)."""
+    m = reply.metadata
+    metadata = Metadata(run_id=m.run_id, message_id=m.message_id, src_node_id=1, dst_node_id=m.dst_node_id,
+                        reply_to_message_id=m.reply_to_message_id, group_id=m.group_id, created_at=m.created_at,
+                        ttl=m.ttl, message_type=m.message_type)
+    return Message(metadata=metadata, error=Error(code=3, reason="node unavailable"))
+
+
 def _float64(reply: Message) -> Message:
     record = reply.content[protocol.ARRAYS]
     for key in list(record.keys()):
@@ -64,7 +73,8 @@ def _float64(reply: Message) -> Message:
 
 @pytest.mark.parametrize("tamper, kind", [(_nan, "non-finite"), (_wrong_shape, "bad-shape"),
                                           (_extra_key, "unexpected-key"), (_zero_examples, "bad-count"),
-                                          (_error, "client-error"), (_float64, "bad-dtype")])
+                                          (_error, "client-error"), (_float64, "bad-dtype"),
+                                          (_superlink_error, "node-unavailable")])
 def test_a_bad_reply_is_dropped_counted_and_the_round_goes_on(tmp_path, tamper, kind):
     run = fast_run(tmp_path)
     grid = LocalGrid(make_client_app(run), 3, tamper={2: tamper})  # partition 2: the multimodal client
