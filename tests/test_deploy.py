@@ -88,14 +88,10 @@ def test_a_supernode_whose_superlink_never_answers_says_so_and_stops(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(tmp_path):
-    out = tmp_path / "run"
-    # A Flower strategy with an argument behind client-side adaptive DP: the clipping mod runs on each
-    # node in front of its model worker, the norm bits come back over gRPC.
-    config = (f'{SMALL} strategy.name="flwr.serverapp.strategy.FedAvgM" strategy.args="server_momentum=0.5" '
-              'dp.name="client-adaptive" dp.noise_multiplier=0.01')
-    proc = subprocess.run([str(DEPLOY / "run-local.sh"), "--tls", "--auth", "--supernodes", "3", "--rounds", "2",
-                           "--out", str(out), "--run-config", config], capture_output=True, text=True, timeout=1200)
+def test_run_local_with_tls_and_auth_runs_fedmm_through_a_real_superlink(loopback_run):
+    # A Flower strategy with an argument behind client-side adaptive DP (conftest.LOOPBACK_ARGS): the
+    # clipping mod runs on each node in front of its model worker, the norm bits come back over gRPC.
+    out, proc = loopback_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["clients"] == 3 and summary["status"] == "completed"

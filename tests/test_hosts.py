@@ -199,14 +199,14 @@ def test_an_unregistered_host_is_refused_and_another_cas_root_fails_tls_verifica
 
 @privileged
 @pytest.mark.slow
-def test_a_run_over_separate_hosts_ends_with_the_arrays_of_the_same_run_on_loopback(tmp_path):
-    config = ["--supernodes", "3", "--rounds", "2", "--run-config", SMALL]
-    apart = _run_hosts(tmp_path / "hosts", *config)
+def test_a_run_over_separate_hosts_ends_with_the_arrays_of_the_same_run_on_loopback(tmp_path, loopback_run):
+    from conftest import LOOPBACK_ARGS
+
+    local, local_proc = loopback_run
+    assert local_proc.returncode == 0, local_proc.stderr[-4000:]
+    apart = _run_hosts(tmp_path / "hosts", *LOOPBACK_ARGS)  # TLS for the SuperLink's host address this time
     assert apart.returncode == 0, apart.stderr[-4000:]
-    local = subprocess.run([str(DEPLOY / "run-local.sh"), "--out", str(tmp_path / "local"), *config],
-                           capture_output=True, text=True, timeout=1200)
-    assert local.returncode == 0, local.stderr[-4000:]
-    a, b = (load_file(str(tmp_path / side / "checkpoints" / "round-0002.safetensors")) for side in ("hosts", "local"))
+    a, b = (load_file(str(folder / "checkpoints" / "round-0002.safetensors")) for folder in (tmp_path / "hosts", local))
     assert a.keys() == b.keys() and a
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
