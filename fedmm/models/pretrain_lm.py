@@ -45,11 +45,23 @@ class LMPretrainConfig:
     max_new_tokens: int = 48
 
 
+def _wrong_attempt(problem: Problem, rng: np.random.Generator) -> str:
+    """A plausible wrong completion: the first step's result off by a little, the rest carried on from
+    it, so a revision that follows the hint (the right first step) departs from it at once."""
+    steps = problem.steps()
+    first = int(steps[0].rsplit("=", 1)[1]) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+    lines, value = [f"{steps[0].rsplit('=', 1)[0]}={first}"], first
+    for op, n in zip(problem.kind[1:], problem.numbers[2:]):
+        result = value + n if op == "+" else value - n if op == "-" else value * n
+        lines.append(f"{value}{op}{n}={result}")
+        value = result
+    return "\n".join([*lines, f"A: {value}"])
+
+
 def _example(problem: Problem, rng: np.random.Generator, revision: bool) -> tuple[str, str]:
     if not revision:
         return problem.prompt, problem.solution
-    wrong = problem.answer + int(rng.choice([-10, -2, -1, 1, 2, 10]))
-    return revision_prompt(problem, "\n".join([*problem.steps()[:-1], f"A: {wrong}"])), problem.solution
+    return revision_prompt(problem, _wrong_attempt(problem, rng)), problem.solution
 
 
 def encode(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,10 +117,13 @@ def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -
                 print(f"step {step}: loss {loss.item():.3f}, held-out first-try accuracy {accuracy:.3f}", flush=True)
             if accuracy >= cfg.target_accuracy:
                 break
-    hints = [revision_prompt(p, "A: 0") for p in held_out]
-    revised = generate(model, tokenizer, hints, cfg.max_new_tokens)
+    # What a client's revision sees: its own wrong first try, the feedback with its hint, the task again.
+    first = generate(model, tokenizer, [p.prompt for p in held_out], cfg.max_new_tokens)
+    failed = [(p, c) for p, c in zip(held_out, first) if not is_correct(p, c)]
+    revised = generate(model, tokenizer, [revision_prompt(p, c) for p, c in failed], cfg.max_new_tokens)
     card = {"config": asdict(cfg), "steps": step, "first_try_accuracy": accuracy,
-            "accuracy_with_hint": float(np.mean([is_correct(p, c) for p, c in zip(held_out, revised)])),
+            "revision_success": float(np.mean([is_correct(p, c) for (p, _), c in zip(failed, revised)]))
+            if failed else None,
             "history": history, "seconds": round(time.monotonic() - start, 1),
             "parameters": sum(p.numel() for p in model.parameters())}
     out.mkdir(parents=True, exist_ok=True)
