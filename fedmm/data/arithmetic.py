@@ -40,12 +40,7 @@ class Problem:
 
     def steps(self) -> list[str]:
         """The worked solution's lines before the answer, e.g. ['37+48=85', '85-19=66']."""
-        lines, value = [], self.numbers[0]
-        for op, n in zip(self.kind, self.numbers[1:]):
-            result = value + n if op == "+" else value - n if op == "-" else value * n
-            lines.append(f"{value}{op}{n}={result}")
-            value = result
-        return lines
+        return chain_steps(self.numbers[0], self.kind, self.numbers[1:])
 
     @property
     def answer(self) -> int:
@@ -55,6 +50,16 @@ class Problem:
     def solution(self) -> str:
         """What a correct completion of `prompt` reads (before the end-of-sequence token)."""
         return "\n".join([*self.steps(), f"{ANSWER_MARKER} {self.answer}"])
+
+
+def chain_steps(value: int, operators: str, operands: Sequence[int]) -> list[str]:
+    """Worked lines applying `operators` with `operands` to `value`, left to right."""
+    lines = []
+    for op, n in zip(operators, operands):
+        result = value + n if op == "+" else value - n if op == "-" else value * n
+        lines.append(f"{value}{op}{n}={result}")
+        value = result
+    return lines
 
 
 def make_problems(count: int, seed: int, kinds: Sequence[str] = KINDS, split: int = 0) -> list[Problem]:

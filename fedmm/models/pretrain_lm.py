@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from fedmm.data.arithmetic import Problem, is_correct, make_problems, revision_prompt
+from fedmm.data.arithmetic import Problem, chain_steps, is_correct, make_problems, revision_prompt
 from fedmm.models.causal_lm import char_tokenizer, generate, tiny_lm_config
 
 PRETRAIN_SEED_OFFSET = 1_000_003  # the corpus's problems come from a seed no client uses
@@ -48,14 +48,10 @@ class LMPretrainConfig:
 def _wrong_attempt(problem: Problem, rng: np.random.Generator) -> str:
     """A plausible wrong completion: the first step's result off by a little, the rest carried on from
     it, so a revision that follows the hint (the right first step) departs from it at once."""
-    steps = problem.steps()
-    first = int(steps[0].rsplit("=", 1)[1]) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
-    lines, value = [f"{steps[0].rsplit('=', 1)[0]}={first}"], first
-    for op, n in zip(problem.kind[1:], problem.numbers[2:]):
-        result = value + n if op == "+" else value - n if op == "-" else value * n
-        lines.append(f"{value}{op}{n}={result}")
-        value = result
-    return "\n".join([*lines, f"A: {value}"])
+    expression, result = problem.steps()[0].rsplit("=", 1)
+    first = int(result) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+    lines = [f"{expression}={first}", *chain_steps(first, problem.kind[1:], problem.numbers[2:])]
+    return "\n".join([*lines, f"A: {lines[-1].rsplit('=', 1)[1]}"])
 
 
 def _example(problem: Problem, rng: np.random.Generator, revision: bool) -> tuple[str, str]:
@@ -79,9 +75,10 @@ def encode(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch
     return ids, mask, labels
 
 
-def first_try_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48) -> float:
+def first_tries(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48) -> tuple[float, list[str]]:
+    """Greedy first-try accuracy on `problems`, and the completions it was read from."""
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
-    return float(np.mean([is_correct(p, c) for p, c in zip(problems, completions)]))
+    return float(np.mean([is_correct(p, c) for p, c in zip(problems, completions)])), completions
 
 
 def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -95,7 +92,7 @@ def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -
     corpus = make_problems(cfg.corpus_problems, cfg.seed + PRETRAIN_SEED_OFFSET)
     held_out = make_problems(cfg.eval_problems, cfg.seed + PRETRAIN_SEED_OFFSET, split=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    start, history, step, accuracy = time.monotonic(), [], 0, 0.0
+    start, history, step, evaluated = time.monotonic(), [], 0, -1
     while step < cfg.max_steps:
         step += 1
         lr = cfg.lr * min(1.0, step / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
@@ -111,14 +108,16 @@ def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % cfg.eval_every == 0:
-            accuracy = first_try_accuracy(model, tokenizer, held_out, cfg.max_new_tokens)
+            accuracy, first = first_tries(model, tokenizer, held_out, cfg.max_new_tokens)
+            evaluated = step
             history.append({"step": step, "loss": round(loss.item(), 4), "accuracy": accuracy})
             if progress:
                 print(f"step {step}: loss {loss.item():.3f}, held-out first-try accuracy {accuracy:.3f}", flush=True)
             if accuracy >= cfg.target_accuracy:
                 break
     # What a client's revision sees: its own wrong first try, the feedback with its hint, the task again.
-    first = generate(model, tokenizer, [p.prompt for p in held_out], cfg.max_new_tokens)
+    if evaluated != step:  # the loop ended between evaluations: measure the final model
+        accuracy, first = first_tries(model, tokenizer, held_out, cfg.max_new_tokens)
     failed = [(p, c) for p, c in zip(held_out, first) if not is_correct(p, c)]
     revised = generate(model, tokenizer, [revision_prompt(p, c) for p, c in failed], cfg.max_new_tokens)
     card = {"config": asdict(cfg), "steps": step, "first_try_accuracy": accuracy,
