@@ -329,14 +329,13 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
             else:
                 messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
                 replies, sampled = send_in_batches(grid, messages, _timeout(run)), len(messages)
+                partition_of = {m.metadata.dst_node_id: registry.info(m.metadata.dst_node_id).partition_id
+                                for m in messages}
                 if len(replies) < sampled:  # said at once: an operator (or deploy/run-hosts.sh) acts on it
-                    answered = {r.metadata.src_node_id for r in replies}
-                    missing = sorted(registry.info(m.metadata.dst_node_id).partition_id for m in messages
-                                     if m.metadata.dst_node_id not in answered)
+                    missing = sorted(partition_of.keys() - {r.metadata.src_node_id for r in replies})
                     log(WARNING, "round %d: %d of %d training replies arrived; missing partitions %s",
-                        server_round, len(replies), sampled, missing)
-                simulated += sync_round_time(run, server_round, [registry.info(m.metadata.dst_node_id).partition_id
-                                                                 for m in messages])
+                        server_round, len(replies), sampled, sorted(partition_of[n] for n in missing))
+                simulated += sync_round_time(run, server_round, list(partition_of.values()))
                 # Every reply that arrived used the uplink, accepted or not.
                 uplink = [uplink_bytes(r) for r in replies if not r.has_error()]
                 replies = widen_low_rank(replies, run)
