@@ -33,6 +33,21 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     run_simulation(server_app, client_app, num_supernodes=run.clients.num, backend_config=backend_config)
 
 
+def _pretrain_lm(args: argparse.Namespace) -> int:
+    from fedmm.models.pretrain import load_pretrain_config
+    from fedmm.models.pretrain_lm import LMPretrainConfig, pretrain_lm, validate_lm_pretrain
+
+    try:
+        card = pretrain_lm(load_pretrain_config(args.config, args.overrides, LMPretrainConfig, validate_lm_pretrain),
+                           args.out)
+    except ConfigError as err:
+        print(f"fedmm: config error: {err}", file=sys.stderr)
+        return 2
+    print(f"fedmm pretrain-lm: {args.out}: {card['steps']} steps, held-out first-try accuracy "
+          f"{card['first_try_accuracy']:.3f}, revision success on its failures {card['revision_success']}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from fedmm.models.pretrain import load_pretrain_config, pretrain
 
@@ -69,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out", required=True, help="output folder: image/ and text/ (Hugging Face), card.json")
     pre.add_argument("--config", help="YAML file of pretraining keys (see fedmm.models.pretrain.PretrainConfig)")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
+    lm = sub.add_parser("pretrain-lm", help="build a language-model base for online fine-tuning from feedback: a "
+                        "tiny GPT-2 trained on generated worked arithmetic until its held-out first-try accuracy "
+                        "reaches target_accuracy")
+    lm.add_argument("--out", required=True, help="output folder (save_pretrained model and tokenizer, card.json)")
+    lm.add_argument("--config", help="YAML file of keys (see fedmm.models.pretrain_lm.LMPretrainConfig)")
+    lm.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
     show = sub.add_parser("config", help="print the resolved config")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="key=value")
@@ -79,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "pretrain":
         return _pretrain(args)
+    if args.command == "pretrain-lm":
+        return _pretrain_lm(args)
     try:
         overrides = list(args.overrides)
         if args.command == "simulate" and args.resume:

@@ -402,6 +402,7 @@ def run_federation(grid: Grid, run: RunConfig) -> dict[str, Any]:
     results.write_summary(summary)
     results.plot()
     results.plot_experts()
+    results.plot_feedback()
     print_table(summary, console)
     if summary["status"] == "failed":
         raise RunFailed("the run did not do what it was asked (strategy.allow_degraded=true accepts it): "

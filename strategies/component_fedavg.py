@@ -125,7 +125,26 @@ def round_metrics(accepted: int, rejected: list[Rejection], updates: Iterable[Cl
     for key, values in sorted(losses.items()):
         metrics[key] = float(np.mean(values))
     metrics.update(rank_metrics(updates))
+    metrics.update(feedback_metrics(updates))
     return metrics
+
+
+def feedback_metrics(updates: Iterable[ClientUpdate]) -> dict[str, float]:
+    """A language-model round from its clients' feedback counts ({} otherwise): each count summed,
+    first-try accuracy on the arrivals, revision success (wrong first tries a revision fixed), and
+    each loss averaged over the clients that trained."""
+    updates = [u for u in updates if f"{protocol.FEEDBACK_PREFIX}prompts" in u.metrics]
+    if not updates:
+        return {}
+    key = protocol.FEEDBACK_PREFIX
+    out = {f"{key}{k}": float(sum(u.metrics.get(f"{key}{k}", 0.0) for u in updates)) for k in protocol.FEEDBACK_COUNTS}
+    out[f"{key}first-try-accuracy"] = out[f"{key}first-correct"] / max(out[f"{key}prompts"], 1.0)
+    out[f"{key}revision-success"] = out[f"{key}revised-correct"] / max(out[f"{key}wrong"], 1.0)
+    for loss in protocol.FEEDBACK_LOSSES:
+        values = [u.metrics[f"{key}{loss}"] for u in updates if f"{key}{loss}" in u.metrics]
+        if values:
+            out[f"{key}{loss}"] = float(np.mean(values))
+    return out
 
 
 def rank_metrics(updates: Iterable[ClientUpdate]) -> dict[str, float]:

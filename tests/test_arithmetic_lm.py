@@ -70,10 +70,11 @@ def test_a_causal_lm_saved_from_a_tiny_config_loads_by_path_adapts_and_samples_r
 def test_the_lm_base_trains_saves_a_card_and_loads_by_path(tmp_path):
     import json
 
-    from fedmm.models.pretrain_lm import LMPretrainConfig, encode, pretrain_lm
+    from fedmm.models.causal_lm import encode_pairs
+    from fedmm.models.pretrain_lm import LMPretrainConfig, pretrain_lm
 
     tokenizer = char_tokenizer()
-    ids, mask, labels = encode(tokenizer, [("Q: 1+2+3=?\n", "1+2=3"), ("Q:", "x")])
+    ids, mask, labels = encode_pairs(tokenizer, [("Q: 1+2+3=?\n", "1+2=3"), ("Q:", "x")])
     assert (labels[0] != -100).sum() == len("1+2=3") + 1 and labels[0, -1] == tokenizer.eos_token_id
     assert mask[1].sum() == len("Q:x") + 1 and (labels[1][: len("Q:")] == -100).all()
     cfg = LMPretrainConfig(max_steps=20, eval_every=10, eval_problems=8, corpus_problems=200, batch_size=8,

@@ -158,3 +158,33 @@ def test_flwr_run_with_a_bad_value_fails_before_any_round(superlink, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:failed"
     assert not (out / "metrics.jsonl").exists()
+
+
+# SPEAR on the shipped language-model base: sampling, revisions and unlikelihood must come out the same.
+SPEAR = {"clients.num": 3, "rounds": 2, "seed": 1, "model.language_model": "fedmm:arith-lm",
+         "data.source": "arithmetic", "clients.profiles": "arithmetic=arithmetic", "train.objective": "spear",
+         "feedback.prompts_per_round": 16, "train.local_steps": 3, "data.examples_per_task": 300}
+
+
+@pytest.mark.slow
+def test_a_spear_run_through_flwr_run_matches_fedmm_simulate(superlink, tmp_path):
+    flwr_out, sim_out = tmp_path / "flwr", tmp_path / "sim"
+    config = " ".join([f'out="{flwr_out}"'] + [f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
+                                               for k, v in SPEAR.items()])
+    reply = _flwr_run(superlink, config)
+    listing = subprocess.run(["flwr", "ls", "--run-id", str(reply["run-id"]), "--format", "json"], env=superlink,
+                             capture_output=True, text=True, timeout=120)
+    assert json.loads(listing.stdout)["runs"][0]["status"] == "finished:completed", listing.stdout
+    sim = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(sim_out),
+                          *[f"{k}={v}" for k, v in SPEAR.items()]], capture_output=True, text=True, timeout=600)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    a = load_file(str(flwr_out / "checkpoints" / "round-0002.safetensors"))
+    b = load_file(str(sim_out / "checkpoints" / "round-0002.safetensors"))
+    before = load_file(str(sim_out / "checkpoints" / "round-0000.safetensors"))
+    assert a.keys() == b.keys() and any(not np.array_equal(b[k], before[k]) for k in b)  # it trained
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    rows = [json.loads(line) for line in (sim_out / "metrics.jsonl").read_text().splitlines()]
+    flwr_rows = [json.loads(line) for line in (flwr_out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("train.feedback.wins") for r in rows] == [r.get("train.feedback.wins") for r in flwr_rows]
+    assert all(r["train.feedback.wins"] > 0 for r in rows if "train.feedback.prompts" in r)

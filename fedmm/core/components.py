@@ -3,7 +3,9 @@
 Model parameter names start with `encoders.<modality>.`, `fusion.` or `heads.<task>.`; components are
 `encoder.<modality>`, `fusion.shared` and `head.<task>`. In a mixture-of-experts block each expert and
 each router is a component of its own: `fusion.expert.<layer>.<expert>` and `fusion.router.<layer>`; the
-experts of a Hugging Face MoE encoder are `encoder.<modality>.expert.<layer>.<expert>`.
+experts of a Hugging Face MoE encoder are `encoder.<modality>.expert.<layer>.<expert>`. A causal
+language model's parameters start with `lm.`: the adapters of its transformer block i are the
+component `lm.block.<i>`, anything outside the blocks is `lm.shared`.
 Aggregation, validation and byte accounting all ask `component_of`.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 
 FUSION = "fusion.shared"
+LM_SHARED = "lm.shared"
 
 
 class UnknownParameterError(KeyError):
@@ -35,6 +38,9 @@ def component_of(param_name: str) -> str:
     parts = base.split(".")
     if len(parts) >= 3 and parts[0] == "heads":
         return f"head.{parts[1]}"
+    if len(parts) >= 2 and parts[0] == "lm":
+        block = next((p for p in parts if p.isdigit()), None)
+        return LM_SHARED if block is None else f"lm.block.{block}"
     if len(parts) >= 2 and parts[0] == "fusion":
         scope = "fusion"
     elif len(parts) >= 3 and parts[0] == "encoders":
@@ -69,7 +75,7 @@ def is_expert(component: str) -> bool:
 
 def component_order(component: str) -> tuple:
     """Encoders, then the fusion block, then heads; experts in numeric order within each."""
-    rank = {"encoder": 0, "fusion": 1, "head": 2}.get(component.split(".")[0], 3)
+    rank = {"encoder": 0, "lm": 0, "fusion": 1, "head": 2}.get(component.split(".")[0], 3)
     return rank, [(0, int(p)) if p.isdigit() else (1, p) for p in component.split(".")]
 
 

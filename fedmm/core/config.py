@@ -20,10 +20,13 @@ from fedmm.core.lora_ranks import LORA_AGGREGATIONS
 from fedmm.core.schema import DEFAULT_PROFILES, ConfigError, RunConfig
 
 
+# Objectives of a language model fine-tuned from feedback (fedmm.training.feedback).
+FEEDBACK_OBJECTIVES = ("spear", "feedback_sft", "rejection_sft", "grpo")
 DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "fltrust", "flame", "oracle")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synthetic", "hf"),
+    "data.source": ("synthetic", "hf", "arithmetic"),
+    "train.objective": ("supervised", *FEEDBACK_OBJECTIVES),
     "data.partitioner": ("iid", "dirichlet"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -156,7 +159,8 @@ def _merge(base: DictConfig, update: Mapping[str, Any]) -> DictConfig:
 def _resolve(cfg: DictConfig) -> RunConfig:
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if not run.clients.profiles:
-        run.clients.profiles = {name: list(tasks) for name, tasks in DEFAULT_PROFILES.items()}
+        defaults = {"arithmetic": ["arithmetic"]} if run.data.source == "arithmetic" else DEFAULT_PROFILES
+        run.clients.profiles = {name: list(tasks) for name, tasks in defaults.items()}
     validate(run)
     return run
 
@@ -323,6 +327,7 @@ def validate(run: RunConfig) -> None:
     _validate_attack_and_defense(run)
     _validate_moe(run)
     _validate_dp(run)
+    _validate_feedback(run)
     most_tasks = max(len(tasks) for tasks in run.clients.profiles.values()) if run.clients.profiles else 0
     if 0 < run.train.local_steps < most_tasks:
         raise ConfigError(f"config key 'train.local_steps' must be >= {most_tasks} (the most tasks a profile "
@@ -360,6 +365,43 @@ def validate(run: RunConfig) -> None:
                     f"config key 'clients.profiles.{profile}' names unknown task {task!r}; "
                     f"known: {sorted(known)}"
                 )
+
+
+def _validate_feedback(run: RunConfig) -> None:
+    """A language model learns from feedback on arithmetic prompts; the multi-modal model from labels."""
+    lm, objective, source = run.model.language_model, run.train.objective, run.data.source
+    if bool(lm) != (objective in FEEDBACK_OBJECTIVES) or bool(lm) != (source == "arithmetic"):
+        raise ConfigError(f"config keys 'model.language_model'={lm!r}, 'train.objective'={objective!r} and "
+                          f"'data.source'={source!r} do not go together: a language model trains with an objective "
+                          f"of {FEEDBACK_OBJECTIVES} on data.source=arithmetic; the multi-modal model "
+                          "(language_model empty) trains with objective supervised on synthetic or hf data")
+    if not lm:
+        return
+    unsupported = {"personal.method": (run.personal.method, "fedavg"), "attack.name": (run.attack.name, "none"),
+                   "moe.fusion_ffn": (run.moe.fusion_ffn, "full"), "strategy.mode": (run.strategy.mode, "sync"),
+                   "data.examples_per_client": (run.data.examples_per_client, 0),
+                   "clients.lora_ranks": (run.clients.lora_ranks, [])}
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ConfigError(f"config key {key!r}={value!r} is not supported with model.language_model yet "
+                              f"(use {supported!r})")
+    if run.defense.name in ("trust", "fltrust", "oracle") or run.strategy.lora_aggregation == "flora":
+        raise ConfigError(f"config keys 'defense.name'={run.defense.name!r} / 'strategy.lora_aggregation'="
+                          f"{run.strategy.lora_aggregation!r}: a language model's updates are aggregated by a "
+                          "per-component strategy or a robust rule (krum, median, ...); root-data and base-merging "
+                          "stages read the multi-modal model")
+    f = run.feedback
+    for key in ("prompts_per_round", "max_new_tokens", "grpo_group"):
+        _positive(f"feedback.{key}", getattr(f, key))
+    for key in ("max_revisions", "ul_last_tokens", "lose_ratio", "win_weight", "lose_weight", "grpo_kl",
+                "temperature"):
+        _positive(f"feedback.{key}", getattr(f, key), allow_zero=True)
+    _fraction("feedback.top_p", f.top_p)
+    if not 0 <= f.ul_threshold < 1 or not 0 < f.grpo_clip < 1:
+        raise ConfigError(f"config keys 'feedback.ul_threshold'={f.ul_threshold} and 'feedback.grpo_clip'="
+                          f"{f.grpo_clip} must lie in [0, 1) and (0, 1)")
+    if objective == "grpo" and f.grpo_group < 2:
+        raise ConfigError(f"config key 'feedback.grpo_group'={f.grpo_group}: grpo compares at least 2 samples")
 
 
 def _validate_attack_and_defense(run: RunConfig) -> None:

@@ -41,6 +41,11 @@ ROUTING_ENTROPY = "routing-entropy"  # mean entropy of the routers' distribution
 REPLACED_PREFIX = "replaced."  # replaced.<task>: 1 when TAP copied that task's path this round
 CLIPPING_NORM_PREFIX = "clipping-norm."  # clipping-norm.<component>: the bound a client clips that update to (client-side DP)
 NORM_BIT_PREFIX = "norm-bit."  # norm-bit.<component>: 1 when the client's clipping cut that update (adaptive DP)
+FEEDBACK_PREFIX = "feedback."  # feedback.<count or loss>: a language-model client's round (fedmm.training.feedback)
+# Counts summed over a round's clients, and losses averaged over those that trained.
+FEEDBACK_COUNTS = ("prompts", "first-correct", "wrong", "revised-correct", "wins", "loses", "empty", "over-long",
+                   "unencodable", "nonfinite-steps")
+FEEDBACK_LOSSES = ("mle-loss", "ul-loss", "grpo-kl")  # metrics are >= 0: GRPO reports its KL, not its signed loss
 DISTILL = "train.distill"  # the post-FL distillation message type
 
 DTYPE = np.dtype("<f4")
@@ -179,15 +184,19 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
     record, metrics = content[ARRAYS], content[METRICS]
     if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
         raise ReplyError("bad-structure", f"{ARRAYS!r} must be an ArrayRecord and {METRICS!r} a MetricRecord")
-    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES, limits.max_examples)
     keys = set(record.keys())
+    if metrics.get(NUM_EXAMPLES) == 0 and metrics.get(TRAIN_STEPS) == 0 and not keys:
+        # A client that had nothing to learn from (a language model with no win) trained nothing and
+        # sends nothing: counted with its metrics, aggregated into no component.
+        return ClientUpdate(message.metadata.src_node_id, {}, 0, {}, _scalars(metrics, components))
+    num_examples = _positive_int(metrics.get(NUM_EXAMPLES), NUM_EXAMPLES, limits.max_examples)
     unexpected = sorted(keys - expected.keys())
     if unexpected:
         raise ReplyError("unexpected-key", f"{unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
     missing = sorted(c for c in expected.keys() - keys if not is_expert(c))
     if missing:
         raise ReplyError("missing-key", f"{missing[:3]}{' …' if len(missing) > 3 else ''}")
-    count_keys, allowed, has_experts = _reply_schema(tuple(components))
+    count_keys, _, has_experts = _reply_schema(tuple(components))
     weights = {}
     for component, count_key in count_keys:
         if count_key not in metrics:
@@ -195,6 +204,14 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         weights[component] = float(_positive_int(metrics[count_key], count_key, num_examples))
     if has_experts:
         weights.update(_expert_weights(metrics, keys, components, num_examples, limits))
+    scalars = _scalars(metrics, components)
+    arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
+    return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
+
+
+def _scalars(metrics: MetricRecord, components: list[str]) -> dict[str, float]:
+    """A training reply's metrics, each a known key and a finite number >= 0."""
+    _, allowed, _ = _reply_schema(tuple(components))
     scalars = {}
     for key, value in metrics.items():
         if key not in allowed:
@@ -202,8 +219,7 @@ def validate_train_reply(message: Message, expected: Mapping[str, tuple[int, ...
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ReplyError("bad-metric", f"{key} must be a finite number >= 0, got {value!r}")
         scalars[key] = float(value)
-    arrays = {key: decode_array(record[key], key, expected[key]) for key in record.keys()}
-    return ClientUpdate(message.metadata.src_node_id, arrays, num_examples, weights, scalars)
+    return scalars
 
 
 @functools.lru_cache(maxsize=1024)
@@ -216,6 +232,8 @@ def _reply_schema(components: tuple[str, ...]) -> tuple[tuple[tuple[str, str], .
     allowed = {NUM_EXAMPLES, TRAIN_STEPS, LORA_RANK} | {key for _, key in count_keys} | {
         f"{TRAIN_LOSS_PREFIX}{t}" for t in tasks} | {f"{REPLACED_PREFIX}{t}" for t in tasks} | routed | {
         f"{NORM_BIT_PREFIX}{c}" for c in components}
+    if any(c.startswith("lm.") for c in components):
+        allowed |= {f"{FEEDBACK_PREFIX}{k}" for k in FEEDBACK_COUNTS + FEEDBACK_LOSSES}
     if routed:
         allowed.add(ROUTING_ENTROPY)
     return count_keys, frozenset(allowed), any(is_expert(c) for c in components)

@@ -24,6 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
 TRUST_PLOT_FILE = "trust.png"
+FEEDBACK_PLOT_FILE = "feedback.png"
 EXPERTS_PLOT_FILE = "experts.png"
 CHECKPOINTS = "checkpoints"
 
@@ -160,6 +161,33 @@ class RunResults:
         ax.set_xlabel("expert (where, layer.expert)")
         fig.colorbar(image, ax=ax, label="share of the modality's routed tokens")
         return _save(fig, self.out / EXPERTS_PLOT_FILE)
+
+    def plot_feedback(self) -> Path | None:
+        """A language-model run's rounds: held-out first-try accuracy (evaluation), first-try accuracy
+        on the arrivals and revision success (training), wins and loses per round."""
+        rows = [r for r in self.history if "train.feedback.prompts" in r and "stage" not in r]
+        if not rows:
+            return None
+        plt = _pyplot()
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        held_out = [(r["round"], r["global.arithmetic.accuracy"]) for r in self.history
+                    if "global.arithmetic.accuracy" in r and "stage" not in r]
+        if held_out:
+            left.plot(*zip(*held_out), marker="o", label="held-out first try (greedy)")
+        for key, label in (("first-try-accuracy", "arrivals, first try (sampled)"),
+                           ("revision-success", "revision success")):
+            left.plot([r["round"] for r in rows], [r[f"train.feedback.{key}"] for r in rows], marker=".", label=label)
+        left.set_ylim(0, 1)
+        left.set_xlabel("round")
+        left.legend(fontsize=8)
+        for key in ("wins", "loses"):
+            right.plot([r["round"] for r in rows], [r[f"train.feedback.{key}"] for r in rows], marker=".", label=key)
+        right.set_xlabel("round")
+        right.set_ylabel("pairs over the round's clients")
+        right.legend(fontsize=8)
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+        return _save(fig, self.out / FEEDBACK_PLOT_FILE)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.out / SUMMARY_FILE

@@ -41,11 +41,15 @@ class ModelConfig:
     lora_dropout: float = 0.0
     # Names of attention projections to adapt; ViT in transformers 5 calls them q_proj/v_proj, BERT query/value.
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
+    # A causal LM fine-tuned from feedback instead of the multi-modal model (needs data.source=arithmetic):
+    # fedmm:arith-lm (shipped), a save_pretrained folder or a hub id; LoRA of model.lora_r / lora_alpha /
+    # lora_dropout on its attention and MLP projections. Empty: the multi-modal model.
+    language_model: str = ""
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | hf
+    source: str = "synthetic"  # synthetic | hf | arithmetic (generated prompts for model.language_model)
     # Synthetic data: examples generated per task, shared out among the clients holding it.
     examples_per_task: int = 1800
     # > 0: each client's examples are generated from its own id when it first needs them, this many per
@@ -93,6 +97,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | fp32 | bf16
+    # What a language-model client learns from (model.language_model): spear | feedback_sft (spear without
+    # unlikelihood) | rejection_sft (first-try wins only) | grpo. The multi-modal model: supervised.
+    objective: str = "supervised"
 
 
 @dataclass
@@ -221,6 +228,27 @@ class MoEConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    # Online fine-tuning from feedback (train.objective spear and its baselines), per client and round.
+    prompts_per_round: int = 64  # prompts arriving at a client each round, drawn from its partition
+    temperature: float = 0.8  # sampling of every attempt
+    top_p: float = 0.95
+    max_new_tokens: int = 48  # a longer completion is cut there and counts as over-long
+    max_revisions: int = 2  # revisions after a wrong attempt, each prompted with it and the feedback
+    lose_ratio: float = 2.0  # loses kept per win, at most
+    win_weight: float = 1.0  # lambda_win on the MLE of wins
+    # lambda_lose on the confidence-weighted unlikelihood of loses, on the last N tokens of a lose's working (0: all).
+    # SPEAR's reference: 0.1 and 24-32 tokens of long answers; on fedmm:arith-lm those pushed down correct
+    # working (held-out accuracy 0.43 -> 0.39 and 0.29 in 8 rounds), 0.02 on the last result does not.
+    lose_weight: float = 0.02
+    ul_last_tokens: int = 2
+    ul_threshold: float = 0.3  # ... only where the model gives the token probability above this
+    grpo_group: int = 4  # grpo: samples per prompt
+    grpo_clip: float = 0.2
+    grpo_kl: float = 0.02  # grpo: weight of the KL to the round's received model
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 12
@@ -236,6 +264,7 @@ class RunConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     dp: DpConfig = field(default_factory=DpConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
 
 # `oracle` is no defence: it leaves out exactly the simulated attackers, the bound for any defence that drops clients.

@@ -1,6 +1,7 @@
 """Tasks: which modalities a task reads and how many classes it predicts.
 
-The synthetic tasks are fixed here; a Hugging Face dataset adds one task named by the config.
+The synthetic tasks are fixed here; a Hugging Face dataset adds one task named by the config; the
+arithmetic prompts of a language-model run are the one task `arithmetic`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ SYNTHETIC_TASKS: dict[str, TaskSpec] = {
 }
 
 
+# The prompts a causal LM answers (data.source=arithmetic): generated text in, generated text out.
+ARITHMETIC_TASK = TaskSpec("arithmetic", ("text",), 0)
+
+
 def hf_task_spec(run: "RunConfig") -> TaskSpec:
     modalities = tuple(
         m for m, col in (("image", run.data.hf_image_column), ("text", run.data.hf_text_column)) if col
@@ -39,6 +44,8 @@ def task_specs(run: "RunConfig") -> dict[str, TaskSpec]:
     """Every task the run's data source offers."""
     if run.data.source == "synthetic":
         return dict(SYNTHETIC_TASKS)
+    if run.data.source == "arithmetic":
+        return {ARITHMETIC_TASK.name: ARITHMETIC_TASK}
     spec = hf_task_spec(run)
     return {spec.name: spec}
 

@@ -3,8 +3,8 @@ verifier (correct / incorrect) and feedback whose hint never states the answer.
 
 A problem chains three or four small numbers with + - *, left to right (`37+48-19=?`); its worked
 solution writes one step per line (`37+48=85`, `85-19=66`) and ends with the answer line `A: 66`.
-The hint is the solution's first step, which never is the answer: every problem has two steps or
-more. A problem's `kind` is its operator pattern (`+-`, `*+`, ...): clients' prompts are partitioned
+The hint is every step of the solution but the last, which never states the answer: every problem
+has two steps or more, and none whose intermediate result equals the answer is drawn. A problem's `kind` is its operator pattern (`+-`, `*+`, ...): clients' prompts are partitioned
 by kind, so a client sees some patterns far more than others.
 """
 
@@ -13,9 +13,13 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedmm.core.schema import RunConfig
 
 ANSWER_MARKER = "A:"
 # Operator patterns, two or three operations each; `*` only on single digits, so results stay small.
@@ -79,7 +83,7 @@ def make_problems(count: int, seed: int, kinds: Sequence[str] = KINDS, split: in
         if _held_out(problem) != bool(split) or problem in seen:
             continue  # each problem belongs to one split, by its hash
         if any(int(step.rsplit("=", 1)[1]) == problem.answer for step in problem.steps()[:-1]):
-            continue  # the hint (the first step) must not state the answer, even by coincidence
+            continue  # the hint (the steps before the last) must not state the answer, even by coincidence
         seen.add(problem)
         problems.append(problem)
     return problems
@@ -101,8 +105,9 @@ def is_correct(problem: Problem, completion: str) -> bool:
 
 
 def hint(problem: Problem) -> str:
-    """Partial feedback: the solution's first step, which never states the answer."""
-    return problem.steps()[0]
+    """Partial feedback: the solution's lines but the last (the one that reaches the answer), as
+    SPEAR's reference hints with the first lines of a worked solution."""
+    return " ; ".join(problem.steps()[:-1])
 
 
 def feedback(problem: Problem, completion: str) -> str:
@@ -116,3 +121,37 @@ def revision_prompt(problem: Problem, previous: str) -> str:
     """The prompt of a revision: the task, the previous answer and the feedback, then the task again."""
     previous = previous.strip().replace("\n", " ; ")[:120]
     return f"{problem.prompt}Previous: {previous}\n{feedback(problem, previous)}\n{problem.prompt}"
+
+
+def _dataset(problems: Sequence[Problem]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"numbers": [list(p.numbers) for p in problems], "kind": [p.kind for p in problems],
+                              "label": [KINDS.index(p.kind) for p in problems]})
+
+
+def _problems(part) -> list[Problem]:
+    return [Problem(tuple(n), k) for n, k in zip(part["numbers"], part["kind"])]
+
+
+_PARTITIONS: dict[str, tuple] = {}
+
+
+def client_problems(run: "RunConfig", partition_id: int) -> tuple[list[Problem], list[Problem]]:
+    """Client `partition_id`'s prompts: its share of `data.examples_per_task` training problems (its
+    arrivals are drawn from these) and of `data.test_fraction` as many held-out ones, both partitioned
+    by kind with flwr-datasets (data.partitioner: Dirichlet(data.dirichlet_alpha) over kinds, or iid)."""
+    from fedmm.data.scenes import make_partitioner
+
+    key = str([asdict(run.data), run.seed, run.clients.num])
+    if key not in _PARTITIONS:
+        held_out = max(run.clients.num * 10, round(run.data.examples_per_task * run.data.test_fraction))
+        pools = (make_problems(run.data.examples_per_task, run.seed), make_problems(held_out, run.seed, split=1))
+        partitioners = []
+        for pool in pools:
+            partitioner = make_partitioner(run.data, run.clients.num, run.seed)
+            partitioner.dataset = _dataset(pool)
+            partitioners.append(partitioner)
+        _PARTITIONS[key] = tuple(partitioners)
+    train, test = (_problems(p.load_partition(partition_id)) for p in _PARTITIONS[key])
+    return train, test

@@ -221,7 +221,7 @@ def task_dataset(run: RunConfig, task: str) -> Dataset:
 MIN_PARTITION = 10
 
 
-def _partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+def make_partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     if data.partitioner == "iid" or num_partitions == 1:
         return IidPartitioner(num_partitions=num_partitions)
     return DirichletPartitioner(
@@ -237,7 +237,7 @@ def _partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitione
 def _task_partitioner(run: RunConfig, task: str, num_holders: int) -> Partitioner:
     key = (_run_key(run), task, num_holders)
     if key not in _PARTITIONERS:
-        partitioner = _partitioner(run.data, num_holders, run.seed)
+        partitioner = make_partitioner(run.data, num_holders, run.seed)
         partitioner.dataset = task_dataset(run, task)
         _PARTITIONERS[key] = partitioner
     return _PARTITIONERS[key]

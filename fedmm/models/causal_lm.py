@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -47,9 +48,38 @@ def tiny_lm_config(vocab_size: int, layers: int = 4, width: int = 128, heads: in
                       pad_token_id=0)
 
 
+def language_model_source(name: str) -> str:
+    """Where `from_pretrained` finds `model.language_model=name`: a base shipped with fedmm
+    (`fedmm:<name>`), else the name itself (a save_pretrained folder or a hub id)."""
+    from fedmm.models.encoders import SHIPPED_BASES_DIR, SHIPPED_PREFIX, shipped_bases
+
+    if name.startswith(SHIPPED_PREFIX):
+        if name not in shipped_bases():
+            raise OSError(f"model.language_model={name!r} is not a base shipped with fedmm; shipped: {shipped_bases()}")
+        return str(SHIPPED_BASES_DIR / name[len(SHIPPED_PREFIX):])
+    return name
+
+
+class LanguageModel(torch.nn.Module):
+    """A causal LM with LoRA adapters, and its tokenizer. Its parameters are named `lm.…`, which
+    fedmm.core.components maps to one component per transformer block."""
+
+    def __init__(self, lm: torch.nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+
+    def max_length(self) -> int:
+        """The longest sequence (prompt + completion) its position embeddings cover."""
+        config = self.lm.config
+        return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 2048))
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a hub name or a `save_pretrained` folder; the tokenizer pads on the left
     and has a pad token (its EOS if it had none), as batched generation needs."""
+    if not Path(name_or_path).exists() and name_or_path.startswith((".", "/")):
+        raise OSError(f"could not load the causal LM {name_or_path!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
@@ -84,15 +114,23 @@ def add_lm_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
-@torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[str]:
     """Completions of `prompts` (text after each prompt, up to EOS), in batches with a KV cache;
     greedy at temperature 0, else nucleus sampling seeded by `seed` (the same completions for the same
     prompts, batch size and seed)."""
+    return [text for text, _ in sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
+                                       batch_size)]
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+           batch_size: int = 64) -> list[tuple[str, bool]]:
+    """`generate`'s completions, each with whether it ended (EOS) within `max_new_tokens`."""
     model.eval()
     device = next(model.parameters()).device
-    out: list[str] = []
+    out: list[tuple[str, bool]] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for first in range(0, len(prompts), batch_size):
@@ -104,5 +142,22 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                     **sampling)
             new = tokens[:, batch["input_ids"].shape[1]:]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+            ended = (new == tokenizer.eos_token_id).any(dim=1).tolist()
+            out += zip(tokenizer.batch_decode(new, skip_special_tokens=True), ended)
     return out
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) of (prompt, completion) pairs, right-padded; labels (the
+    targets of a causal LM's shifted loss) only on the completion and its EOS, -100 elsewhere."""
+    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"],
+             tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for p, c in pairs]
+    length = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+        mask[i, : len(p) + len(c)] = 1
+    return ids, mask, labels

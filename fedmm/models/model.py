@@ -21,6 +21,7 @@ from torch import nn
 from fedmm.core.components import component_layouts, component_of, component_order, flatten, unflatten
 from fedmm.core.lora_ranks import from_rank, to_rank
 from fedmm.core.schema import MoEConfig, RunConfig
+from fedmm.models.causal_lm import LanguageModel, LoraSettings, add_lm_lora, language_model_source, load_causal_lm
 from fedmm.models.encoders import (CARRIES_BASE, add_lora, build_tokenizer, carry_lora_bases, image_size_of,
                                    load_base_encoder)
 from fedmm.models.moe import DenseLoRA, ExpertTokenCounter, RoutedExperts, expert_views, packed_expert_lora
@@ -138,6 +139,7 @@ class ModuleBank:
         self._heads: dict[str, nn.Linear] = {}
         self._fusion: FusionBlock | None = None
         self._tokenizer = None
+        self._language_model: LanguageModel | None = None
         self._components: dict[tuple[str, ...], tuple[str, ...]] = {}
         # Trainable tensors as first built (by parameter name): the untrained starting point that
         # local-only baselines begin from, whatever global model a client later receives.
@@ -177,7 +179,21 @@ class ModuleBank:
             self._snapshot(f"heads.{task}", self._heads[task])
         return self._heads[task]
 
-    def model(self, tasks: list[str] | tuple[str, ...]) -> MultiModalModel:
+    def language_model(self) -> LanguageModel:
+        """The causal LM of `model.language_model`, LoRA-adapted (the same adapters for every task)."""
+        if self._language_model is None:
+            m = self.run.model
+            lm, tokenizer = load_causal_lm(language_model_source(m.language_model))
+            with torch.random.fork_rng():
+                _seeded(self.run.seed, "lora:lm")
+                lm = add_lm_lora(lm, LoraSettings(m.lora_r, m.lora_alpha, m.lora_dropout))
+            self._language_model = LanguageModel(lm, tokenizer)
+            self._snapshot("lm", self._language_model.lm)
+        return self._language_model
+
+    def model(self, tasks: list[str] | tuple[str, ...]) -> MultiModalModel | LanguageModel:
+        if self.run.model.language_model:
+            return self.language_model()
         encoders = {m: self.encoder(m) for m in profile_modalities(tasks, self.specs)}
         return MultiModalModel(encoders, self.fusion(), {t: self.head(t) for t in tasks}, self.specs)
 

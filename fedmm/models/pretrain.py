@@ -25,7 +25,7 @@ import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,9 +77,11 @@ class PretrainConfig:
 # --- config -------------------------------------------------------------------------------------
 
 
-def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
-    """Defaults, then a YAML file, then `key=value` overrides; validated, bad keys named."""
-    cfg = OmegaConf.structured(PretrainConfig)
+def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type = PretrainConfig,
+                         validate: Callable[[Any], None] | None = None) -> Any:
+    """Defaults of `schema`, then a YAML file, then `key=value` overrides; checked by `validate`
+    (default: validate_pretrain), bad keys named. `fedmm pretrain-lm` reads its own schema with it."""
+    cfg = OmegaConf.structured(schema)
     layers: list[dict[str, Any]] = [read_config_file(path)] if path is not None else []
     layers += [{key: yaml.safe_load(value) if value.strip() else value}
                for key, value in split_overrides(overrides).items()]
@@ -90,10 +92,10 @@ def load_pretrain_config(path: str | Path | None = None, overrides: Sequence[str
             key = getattr(err, "full_key", None) or next(iter(layer), "")
             if "not in" in str(err) or "Key '" in str(err):
                 raise ConfigError(f"unknown pretrain config key {key!r}; known: "
-                                  f"{[f.name for f in dataclasses.fields(PretrainConfig)]}") from None
+                                  f"{[f.name for f in dataclasses.fields(schema)]}") from None
             raise ConfigError(f"bad value for pretrain config key {key!r}: {str(err).splitlines()[0]}") from None
-    config: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate_pretrain(config)
+    config = OmegaConf.to_object(cfg)
+    (validate or validate_pretrain)(config)
     return config
 
 

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
+from fedmm.core.schema import ConfigError
 from fedmm.data.arithmetic import Problem, chain_steps, is_correct, make_problems, revision_prompt
-from fedmm.models.causal_lm import char_tokenizer, generate, tiny_lm_config
+from fedmm.models.causal_lm import char_tokenizer, encode_pairs, generate, tiny_lm_config
 
 PRETRAIN_SEED_OFFSET = 1_000_003  # the corpus's problems come from a seed no client uses
 
 
-@dataclass(frozen=True)
+@dataclass
 class LMPretrainConfig:
     seed: int = 0
     max_steps: int = 4000
@@ -39,19 +40,22 @@ class LMPretrainConfig:
     warmup_steps: int = 100
     corpus_problems: int = 40000
     revision_fraction: float = 0.3
-    layers: int = 4
+    layers: int = 3
     width: int = 128
     heads: int = 4
     max_new_tokens: int = 48
 
 
 def _wrong_attempt(problem: Problem, rng: np.random.Generator) -> str:
-    """A plausible wrong completion: the first step's result off by a little, the rest carried on from
-    it, so a revision that follows the hint (the right first step) departs from it at once."""
-    expression, result = problem.steps()[0].rsplit("=", 1)
-    first = int(result) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
-    lines = [f"{expression}={first}", *chain_steps(first, problem.kind[1:], problem.numbers[2:])]
-    return "\n".join([*lines, f"A: {lines[-1].rsplit('=', 1)[1]}"])
+    """A plausible wrong completion: one step's result off by a little and the rest carried on from
+    it, so a revision must follow the hint (the right steps but the last) and redo the last step."""
+    steps = problem.steps()
+    slip = int(rng.integers(len(steps)))
+    expression, result = steps[slip].rsplit("=", 1)
+    value = int(result) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+    lines = [*steps[:slip], f"{expression}={value}",
+             *chain_steps(value, problem.kind[slip + 1:], problem.numbers[slip + 2:])]
+    return "\n".join([*lines, f"A: {value if not lines[slip + 1:] else lines[-1].rsplit('=', 1)[1]}"])
 
 
 def _example(problem: Problem, rng: np.random.Generator, revision: bool) -> tuple[str, str]:
@@ -60,31 +64,29 @@ def _example(problem: Problem, rng: np.random.Generator, revision: bool) -> tupl
     return revision_prompt(problem, _wrong_attempt(problem, rng)), problem.solution
 
 
-def encode(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask, labels) right-padded; labels only on the completion and its EOS."""
-    rows = [(tokenizer(p, add_special_tokens=False)["input_ids"],
-             tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for p, c in pairs]
-    length = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
-        mask[i, : len(p) + len(c)] = 1
-    return ids, mask, labels
-
-
 def first_tries(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48) -> tuple[float, list[str]]:
     """Greedy first-try accuracy on `problems`, and the completions it was read from."""
     completions = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
     return float(np.mean([is_correct(p, c) for p, c in zip(problems, completions)])), completions
 
 
+def validate_lm_pretrain(cfg: LMPretrainConfig) -> None:
+    if not 0 < cfg.target_accuracy < 1:
+        raise ConfigError(f"pretrain-lm config key 'target_accuracy' must be in (0, 1), got {cfg.target_accuracy}")
+    for key in ("max_steps", "eval_every", "eval_problems", "batch_size", "corpus_problems", "layers", "width",
+                "heads", "max_new_tokens", "warmup_steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"pretrain-lm config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr <= 0 or not 0 <= cfg.revision_fraction <= 1 or cfg.width % cfg.heads:
+        raise ConfigError("pretrain-lm config keys: lr must be > 0, revision_fraction in [0, 1], width divisible "
+                          f"by heads; got lr={cfg.lr}, revision_fraction={cfg.revision_fraction}, width={cfg.width}, "
+                          f"heads={cfg.heads}")
+
+
 def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train the base, save it (model, tokenizer, card.json) in `out` and return its card."""
     out = Path(out)
-    if cfg.target_accuracy <= 0 or cfg.target_accuracy >= 1 or cfg.max_steps < 1 or cfg.eval_every < 1:
-        raise ValueError(f"target_accuracy must be in (0, 1) and max_steps, eval_every >= 1: {cfg}")
+    validate_lm_pretrain(cfg)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     tokenizer = char_tokenizer()
@@ -100,7 +102,7 @@ def pretrain_lm(cfg: LMPretrainConfig, out: str | Path, progress: bool = True) -
             group["lr"] = lr
         picks = rng.integers(len(corpus), size=cfg.batch_size)
         pairs = [_example(corpus[i], rng, rng.random() < cfg.revision_fraction) for i in picks]
-        ids, mask, labels = encode(tokenizer, pairs)
+        ids, mask, labels = encode_pairs(tokenizer, pairs)
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()

@@ -36,6 +36,7 @@ from fedmm.models.model import (
     module_bank,
 )
 from fedmm.models.moe import mean_routing_entropy, routed_tokens
+from fedmm.training import feedback
 from fedmm.personalization.tap import parse_margins, replace_paths, tasks_to_replace
 from fedmm.core.state_store import DEFAULT_FOLDER, ClientStateStore
 from fedmm.training.local import (
@@ -214,6 +215,10 @@ def train(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.ndarray], 
     Returns (component vectors, examples trained on, examples per component, metrics). Experts travel
     only when this client routed tokens to them; their weights are the `routed.*` token counts.
     """
+    if run.model.language_model:
+        if proximal_mu:
+            raise ValueError(f"{protocol.PROXIMAL_MU}={proximal_mu}: a language-model client has no proximal term")
+        return feedback.train_client(run, me.partition_id, me.tasks, arrays, server_round, _seed(run, me, server_round))
     s = _Session(run, me)
     s.load(arrays)
     lr = lr_at(server_round, run.rounds, run.train)
@@ -336,6 +341,9 @@ def evaluate_model(run: RunConfig, me: ClientIdentity, arrays: Mapping[str, np.n
     """Per-task scores by view: `global` (the received model), `personal` (this client's personal
     model) and, under a backdoor attack, `backdoor` (the global model on the triggered test inputs,
     labelled as the target: its accuracy is the attack's success rate)."""
+    if run.model.language_model:  # first-try accuracy on held-out prompts; no personal model
+        scores = feedback.evaluate_client(run, me.partition_id, me.tasks, arrays)
+        return {"global": scores, "personal": scores}
     s = _Session(run, me)
     s.load(arrays)
     views = {"global": s.scores(split)}
