@@ -61,12 +61,14 @@ def encodable(model: LanguageModel, prompts: Sequence[str], max_new_tokens: int)
     return ok
 
 
-def _attempts(model: LanguageModel, prompts: list[str], cfg: FeedbackConfig, seed: int,
-              counts: Counter) -> list[str]:
-    """One sampled answer per prompt, cut after its answer line; empty and over-long ones counted."""
+def _attempts(model: LanguageModel, prompts: list[str], cfg: FeedbackConfig, seed: int, counts: Counter,
+              precision: str = "auto") -> list[str]:
+    """One sampled answer per prompt (bf16 on a GPU that has it, as `train.precision` says), cut after its
+    answer line; empty and over-long ones counted."""
     out = []
-    for text, ended in sample(model.lm, model.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
-                              cfg.top_p, seed):
+    with autocast_for(next(model.parameters()).device, precision):
+        answers = sample(model.lm, model.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
+    for text, ended in answers:
         answer = cut_after_answer(text)
         if not answer:
             counts["empty"] += 1
@@ -77,14 +79,14 @@ def _attempts(model: LanguageModel, prompts: list[str], cfg: FeedbackConfig, see
 
 
 def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, cfg: FeedbackConfig,
-            seed: int) -> Collected:
+            seed: int, precision: str = "auto") -> Collected:
     """Answer each arrival (and, under spear / feedback_sft, revise wrong answers from feedback)."""
     got = Collected()
     usable = encodable(model, [p.prompt for p in problems], cfg.max_new_tokens)
     got.counts["unencodable"] = usable.count(False)
     problems = [p for p, ok in zip(problems, usable) if ok]
     got.counts["prompts"] = len(problems)
-    first = _attempts(model, [p.prompt for p in problems], cfg, seed, got.counts)
+    first = _attempts(model, [p.prompt for p in problems], cfg, seed, got.counts, precision)
     wrong = []
     for problem, answer in zip(problems, first):
         if is_correct(problem, answer):
@@ -101,7 +103,8 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
         prompts = [revision_prompt(p, latest) for p, _, latest in pending]
         ok = encodable(model, prompts, cfg.max_new_tokens)
         got.counts["unencodable"] += ok.count(False)
-        answers = iter(_attempts(model, [q for q, good in zip(prompts, ok) if good], cfg, seed + attempt, got.counts))
+        answers = iter(_attempts(model, [q for q, good in zip(prompts, ok) if good], cfg, seed + attempt, got.counts,
+                                 precision))
         still = []
         for (problem, original, latest), good in zip(pending, ok):
             answer = next(answers) if good else latest
@@ -244,7 +247,7 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
     problems = [p for p, ok in zip(problems, usable) if ok]
     got.counts["prompts"] = len(problems)
     prompts = [p.prompt for p in problems for _ in range(cfg.grpo_group)]
-    answers = _attempts(model, prompts, cfg, seed, got.counts)
+    answers = _attempts(model, prompts, cfg, seed, got.counts, train.precision)
     rewards = np.array([float(is_correct(p, a)) for p, a in zip([p for p in problems for _ in range(cfg.grpo_group)],
                                                                  answers)]).reshape(-1, cfg.grpo_group)
     got.counts["first-correct"] = int(rewards[:, 0].sum()) if len(rewards) else 0
@@ -294,7 +297,7 @@ def feedback_round(model: LanguageModel, problems: Sequence[Problem], objective:
     if objective == "grpo":
         got, result = grpo_round(model, problems, cfg, train, lr, seed, device)
     else:
-        got = collect(model, problems, objective, cfg, seed)
+        got = collect(model, problems, objective, cfg, seed, train.precision)
         if objective == "rejection_sft":
             got.loses = []
         got.loses = capped_loses(got.loses, len(got.wins), cfg.lose_ratio, np.random.default_rng(seed))
