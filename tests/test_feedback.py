@@ -48,7 +48,8 @@ def test_spear_pairs_a_fixed_revision_with_the_original_prompt_and_weighs_its_lo
     })
     got = feedback.collect(model, [P1, P2, P3], "spear", FeedbackConfig(), seed=0)
     assert got.wins == [(P3.prompt, "6*7=42\n42+13=55\nA: 55"), (P1.prompt, "37+48=85\n85-19=66\nA: 66")]
-    assert got.loses == [(P1.prompt, "37+48=85\n85-19=60\nA: 60", 1.0), (P2.prompt, "A: 40", 0.5)]
+    assert got.loses == [(P1.prompt, "37+48=85\n85-19=60\nA: 60", 1.0, "37+48=85\n85-19=66\nA: 66"),
+                         (P2.prompt, "A: 40", 0.5, "")]
     assert (got.counts["first-correct"], got.counts["wrong"], got.counts["revised-correct"]) == (1, 2, 1)
     # Revisions see the previous answer and the feedback; the second revision only the unfixed problem.
     assert len(calls) == 3 and calls[2] == [arithmetic.revision_prompt(P2, "A: 41")]
@@ -70,15 +71,22 @@ def test_unlikelihood_masks_eos_and_the_answer_marker_keeps_the_last_tokens_and_
     model = _tiny(tmp_path)
     pairs = [("Q: 1+2+3=?\n", "1+2=3\nA: 7", 1.0)]
     _, _, labels = encode_pairs(model.tokenizer, [p[:2] for p in pairs])
-    mask = feedback._completion_mask(model, pairs, labels, last_tokens=0)
+    mask = feedback._completion_mask(model, pairs, labels, tokens=0)
     kept = model.tokenizer.decode(labels[0][mask[0]].tolist())
     assert kept == "1+2=3"  # the working: not the answer line, whitespace or EOS
-    last = feedback._completion_mask(model, pairs, labels, last_tokens=2)
+    last = feedback._completion_mask(model, pairs, labels, tokens=2)
     assert model.tokenizer.decode(labels[0][last[0]].tolist()) == "=3"
-    loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_last_tokens=0), torch.device("cpu"))
-    gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_last_tokens=0), torch.device("cpu"))
+    # divergence: from where the lose departs from the revision that fixed it (the slip), not before
+    slips = [("Q: 37+48-19=?\n", "37+48=84\n84-19=65\nA: 65", 1.0, "37+48=85\n85-19=66\nA: 66"),
+             ("Q: 37+48-19=?\n", "37+48=84\nA: 84", 0.5, "")]
+    _, _, slip_labels = encode_pairs(model.tokenizer, [p[:2] for p in slips])
+    at_slip = feedback._completion_mask(model, slips, slip_labels, tokens=2, window="divergence")
+    assert model.tokenizer.decode(slip_labels[0][at_slip[0]].tolist()) == "48"  # "84" from its "4" on, then "8"
+    assert not at_slip[1].any()  # nothing fixed it: no slip known, no unlikelihood
+    loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_tokens=0), torch.device("cpu"))
+    gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_tokens=0), torch.device("cpu"))
     assert loose > 0 and gated == 0  # an untrained model gives no token 0.99
-    half = feedback.unlikelihood_loss(model, [(*pairs[0][:2], 0.5)], FeedbackConfig(ul_threshold=0.0, ul_last_tokens=0),
+    half = feedback.unlikelihood_loss(model, [(*pairs[0][:2], 0.5)], FeedbackConfig(ul_threshold=0.0, ul_tokens=0),
                                       torch.device("cpu"))
     assert float(half) == pytest.approx(float(loose) / 2)
     # MLE is the token mean over completion and EOS, as the model's own loss computes it

@@ -27,6 +27,7 @@ DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_m
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "hf", "arithmetic"),
     "train.objective": ("supervised", *FEEDBACK_OBJECTIVES),
+    "feedback.ul_window": ("last", "divergence"),
     "data.partitioner": ("iid", "dirichlet"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -393,7 +394,7 @@ def _validate_feedback(run: RunConfig) -> None:
     f = run.feedback
     for key in ("prompts_per_round", "max_new_tokens", "grpo_group"):
         _positive(f"feedback.{key}", getattr(f, key))
-    for key in ("max_revisions", "ul_last_tokens", "lose_ratio", "win_weight", "lose_weight", "grpo_kl",
+    for key in ("max_revisions", "ul_tokens", "lose_ratio", "win_weight", "lose_weight", "grpo_kl",
                 "temperature"):
         _positive(f"feedback.{key}", getattr(f, key), allow_zero=True)
     _fraction("feedback.top_p", f.top_p)

@@ -237,11 +237,12 @@ class FeedbackConfig:
     max_revisions: int = 2  # revisions after a wrong attempt, each prompted with it and the feedback
     lose_ratio: float = 2.0  # loses kept per win, at most
     win_weight: float = 1.0  # lambda_win on the MLE of wins
-    # lambda_lose on the confidence-weighted unlikelihood of loses, on the last N tokens of a lose's working (0: all).
-    # SPEAR's reference: 0.1 and 24-32 tokens of long answers; on fedmm:arith-lm those pushed down correct
-    # working (held-out accuracy 0.43 -> 0.39 and 0.29 in 8 rounds), 0.02 on the last result does not.
+    # lambda_lose on the confidence-weighted unlikelihood of loses, on `ul_tokens` tokens (0: all) of a lose's
+    # working: the last ones (ul_window=last, SPEAR's reference: 0.1 and 24-32 tokens of long answers) or
+    # those from where it departs from the revision that fixed it (divergence: the slip itself).
     lose_weight: float = 0.02
-    ul_last_tokens: int = 2
+    ul_window: str = "last"
+    ul_tokens: int = 2
     ul_threshold: float = 0.3  # ... only where the model gives the token probability above this
     grpo_group: int = 4  # grpo: samples per prompt
     grpo_clip: float = 0.2

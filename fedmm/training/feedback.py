@@ -35,7 +35,8 @@ class Collected:
     """What a round's arrivals gave: training pairs and the counts behind them."""
 
     wins: list[tuple[str, str]] = field(default_factory=list)  # (original prompt, correct completion)
-    loses: list[tuple[str, str, float]] = field(default_factory=list)  # (prompt, wrong completion, confidence)
+    # (prompt, wrong completion, confidence, the revision that fixed it or "")
+    loses: list[tuple[str, str, float, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
 
@@ -96,7 +97,7 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
     got.counts["first-correct"], got.counts["wrong"] = len(got.wins), len(wrong)
     revisions = cfg.max_revisions if objective in ("spear", "feedback_sft") else 0
     pending = [(p, a, a) for p, a in wrong]  # (problem, first answer, latest answer)
-    fixed: set[int] = set()
+    fixed: dict[int, str] = {}  # id(problem) -> the revision that fixed it
     for attempt in range(1, revisions + 1):
         if not pending:
             break
@@ -110,45 +111,50 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
             answer = next(answers) if good else latest
             if good and is_correct(problem, answer):
                 got.wins.append((problem.prompt, answer))  # the original prompt: no feedback at test time
-                fixed.add(id(problem))
+                fixed[id(problem)] = answer
             else:
                 still.append((problem, original, answer))
         pending = still
     got.counts["revised-correct"] = len(fixed)
     for problem, answer in wrong:
         if answer:  # an empty answer has no token to unlearn
-            got.loses.append((problem.prompt, answer, 1.0 if id(problem) in fixed else 0.5))
+            fix = fixed.get(id(problem), "")
+            got.loses.append((problem.prompt, answer, 1.0 if fix else 0.5, fix))
     return got
 
 
-def capped_loses(loses: list[tuple[str, str, float]], wins: int, ratio: float,
-                 rng: np.random.Generator) -> list[tuple[str, str, float]]:
+def capped_loses(loses: list[tuple], wins: int, ratio: float, rng: np.random.Generator) -> list[tuple]:
     """At most ratio x wins loses, the surest (fixed later, confidence 1.0) first, the rest drawn."""
     cap = int(math.floor(ratio * wins))
     order = sorted(range(len(loses)), key=lambda i: (-loses[i][2], rng.random()))
     return [loses[i] for i in order[:cap]]
 
 
-def _completion_mask(model: LanguageModel, pairs: Sequence[tuple[str, ...]], labels: torch.Tensor,
-                     last_tokens: int) -> torch.Tensor:
-    """Per sequence, the label positions unlikelihood may push down: the last `last_tokens` (0: all)
-    tokens of the working. Never EOS, never the answer line (its marker, and its value, which restates
-    the working's last result: pushing it down teaches the model not to copy, not to compute), never a
-    token of whitespace only (layout says nothing about the answer)."""
+def _completion_mask(model: LanguageModel, pairs: Sequence[tuple], labels: torch.Tensor, tokens: int,
+                     window: str = "last") -> torch.Tensor:
+    """Per lose, the label positions unlikelihood may push down: `tokens` (0: all) tokens of the working,
+    the last ones (window `last`) or those from where it departs from the revision that fixed it
+    (`divergence`: the slip itself; a lose nothing fixed gets none). Never EOS, never the answer line
+    (its marker, and its value, which restates the working's last result: pushing it down teaches the
+    model not to copy, not to compute), never a token of whitespace only (layout)."""
     mask = (labels != -100) & (labels != model.tokenizer.eos_token_id)
     for row, pair in enumerate(pairs):
         completion = pair[1]
         positions = torch.nonzero(mask[row]).flatten()
         start = completion.find(ANSWER_MARKER)
         end = len(completion) if start < 0 or completion.find("\n", start) < 0 else completion.find("\n", start)
+        fix = pair[3] if window == "divergence" and len(pair) > 3 else ""
+        departs = next((i for i, (x, y) in enumerate(zip(completion, fix)) if x != y), min(len(completion), len(fix)))
         spans = model.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for index, (a, b) in enumerate(spans[: len(positions)]):
             on_answer_line = start >= 0 and a < end and b > start
-            if on_answer_line or not completion[a:b].strip():
+            before_slip = window == "divergence" and (not fix or b <= departs)
+            if on_answer_line or before_slip or not completion[a:b].strip():
                 mask[row, positions[index]] = False
         kept = torch.nonzero(mask[row]).flatten()
-        if last_tokens and len(kept) > last_tokens:
-            mask[row, kept[: len(kept) - last_tokens]] = False
+        if tokens and len(kept) > tokens:
+            drop = kept[: len(kept) - tokens] if window == "last" else kept[tokens:]
+            mask[row, drop] = False
     return mask
 
 
@@ -167,17 +173,17 @@ def mle_loss(model: LanguageModel, wins: Sequence[tuple[str, str]], device: torc
     return -(logp * targets).sum() / targets.sum()
 
 
-def unlikelihood_loss(model: LanguageModel, loses: Sequence[tuple[str, str, float]], cfg: FeedbackConfig,
+def unlikelihood_loss(model: LanguageModel, loses: Sequence[tuple], cfg: FeedbackConfig,
                       device: torch.device) -> torch.Tensor:
     """Confidence-weighted mean over loses of the mean over their masked tokens of
     -log(1 - p(token)) where p(token) > ul_threshold (0 elsewhere)."""
-    ids, mask, labels = (t.to(device) for t in encode_pairs(model.tokenizer, [(p, c) for p, c, _ in loses]))
-    where = _completion_mask(model, loses, labels, cfg.ul_last_tokens).to(device)
+    ids, mask, labels = (t.to(device) for t in encode_pairs(model.tokenizer, [(lose[0], lose[1]) for lose in loses]))
+    where = _completion_mask(model, loses, labels, cfg.ul_tokens, cfg.ul_window).to(device)
     p = _token_logprobs(model, ids, mask).exp()
     gated = where & (p > cfg.ul_threshold)
     terms = -torch.log1p(-p.clamp(max=1 - 1e-6)) * gated
     per_lose = terms.sum(1) / where.sum(1).clamp_min(1)
-    confidence = torch.tensor([c for _, _, c in loses], device=device)
+    confidence = torch.tensor([lose[2] for lose in loses], device=device)
     return (confidence * per_lose).mean()
 
 
