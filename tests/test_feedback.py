@@ -83,10 +83,10 @@ def test_unlikelihood_masks_eos_and_the_answer_marker_keeps_the_last_tokens_and_
     at_slip = feedback._completion_mask(model, slips, slip_labels, tokens=2, window="divergence")
     assert model.tokenizer.decode(slip_labels[0][at_slip[0]].tolist()) == "48"  # "84" from its "4" on, then "8"
     assert not at_slip[1].any()  # nothing fixed it: no slip known, no unlikelihood
-    loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_tokens=0), torch.device("cpu"))
-    gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_tokens=0), torch.device("cpu"))
+    loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_tokens=0, ul_window="last"), torch.device("cpu"))
+    gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_tokens=0, ul_window="last"), torch.device("cpu"))
     assert loose > 0 and gated == 0  # an untrained model gives no token 0.99
-    half = feedback.unlikelihood_loss(model, [(*pairs[0][:2], 0.5)], FeedbackConfig(ul_threshold=0.0, ul_tokens=0),
+    half = feedback.unlikelihood_loss(model, [(*pairs[0][:2], 0.5)], FeedbackConfig(ul_threshold=0.0, ul_tokens=0, ul_window="last"),
                                       torch.device("cpu"))
     assert float(half) == pytest.approx(float(loose) / 2)
     # MLE is the token mean over completion and EOS, as the model's own loss computes it
