@@ -170,6 +170,10 @@ def test_grpo_trains_on_groups_whose_rewards_differ(monkeypatch, tmp_path):
     (["model.language_model=x", "train.objective=spear", "data.source=arithmetic", "personal.method=tap"], "tap"),
     (["model.language_model=x", "train.objective=grpo", "data.source=arithmetic", "feedback.grpo_group=1"], "grpo"),
     (["model.language_model=x", "train.objective=spear", "data.source=arithmetic", "feedback.top_p=0"], "top_p"),
+    (["model.language_model=x", "train.objective=grpo", "data.source=arithmetic", "feedback.temperature=0"],
+     "temperature > 0"),
+    (["model.language_model=x", "train.objective=spear", "data.source=arithmetic", "train.local_steps=0",
+      "train.local_epochs=1"], "local_steps"),
 ])
 def test_language_model_configs_that_cannot_run_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -208,3 +212,12 @@ def test_a_language_model_client_round_passes_the_servers_reply_check_weighted_b
     idle = protocol.train_reply_content({}, 0, {}, {"train-steps": 0.0, "feedback.wins": 0.0, "feedback.prompts": 12.0})
     update = protocol.validate_train_reply(_reply(idle), {c: sent[c].shape for c in components}, components)
     assert update.arrays == {} and update.component_weights == {} and update.metrics["feedback.prompts"] == 12
+
+
+@pytest.mark.parametrize("objective, most", [("spear", 64), ("grpo", 256)])
+def test_a_language_models_replies_are_bounded_by_the_samples_it_drew(objective, most):
+    from server_app.runner import reply_limits
+
+    run = load_config(None, ["model.language_model=fedmm:arith-lm", f"train.objective={objective}", "data.source=arithmetic",
+                             "train.local_steps=2", "train.batch_size=4"])
+    assert reply_limits(run).max_examples == most  # wins, not local_steps x batch_size (8)

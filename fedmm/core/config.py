@@ -401,8 +401,12 @@ def _validate_feedback(run: RunConfig) -> None:
     if not 0 <= f.ul_threshold < 1 or not 0 < f.grpo_clip < 1:
         raise ConfigError(f"config keys 'feedback.ul_threshold'={f.ul_threshold} and 'feedback.grpo_clip'="
                           f"{f.grpo_clip} must lie in [0, 1) and (0, 1)")
-    if objective == "grpo" and f.grpo_group < 2:
-        raise ConfigError(f"config key 'feedback.grpo_group'={f.grpo_group}: grpo compares at least 2 samples")
+    if objective == "grpo" and (f.grpo_group < 2 or f.temperature == 0):
+        raise ConfigError(f"config keys 'feedback.grpo_group'={f.grpo_group}, 'feedback.temperature'={f.temperature}: "
+                          "grpo compares at least 2 different samples (temperature > 0)")
+    if run.train.local_steps < 1:
+        raise ConfigError("config key 'train.local_steps' must be >= 1 with a language model (it trains in steps, "
+                          "not epochs)")
 
 
 def _validate_attack_and_defense(run: RunConfig) -> None:

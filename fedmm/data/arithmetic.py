@@ -119,8 +119,8 @@ def feedback(problem: Problem, completion: str) -> str:
 
 def revision_prompt(problem: Problem, previous: str) -> str:
     """The prompt of a revision: the task, the previous answer and the feedback, then the task again."""
-    previous = previous.strip().replace("\n", " ; ")[:120]
-    return f"{problem.prompt}Previous: {previous}\n{feedback(problem, previous)}\n{problem.prompt}"
+    shown = previous.strip().replace("\n", " ; ")[:120]  # the answer is read before a long one is cut
+    return f"{problem.prompt}Previous: {shown}\n{feedback(problem, previous)}\n{problem.prompt}"
 
 
 def _dataset(problems: Sequence[Problem]):

@@ -53,7 +53,7 @@ def cut_after_answer(completion: str) -> str:
 def encodable(model: LanguageModel, prompts: Sequence[str], max_new_tokens: int) -> list[bool]:
     """Whether the tokenizer encodes each prompt without unknown tokens, and prompt + completion fit
     the model's positions (a prompt that fails either is recorded and skipped, not answered)."""
-    tokenizer, room = model.tokenizer, model.max_length() - max_new_tokens
+    tokenizer, room = model.tokenizer, model.max_length() - max_new_tokens - 1  # and the EOS a win is taught
     unk = tokenizer.unk_token_id
     ok = []
     for prompt in prompts:
@@ -207,8 +207,11 @@ def _step(model: LanguageModel, optimizer: torch.optim.Optimizer, loss: torch.Te
         return False
     optimizer.zero_grad()
     loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip else float("inf"))
+    if not torch.isfinite(norm):  # a finite loss can still overflow its gradient
+        optimizer.zero_grad()
+        return False
     optimizer.step()
     return True
 
@@ -268,7 +271,7 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
     optimizer = _optimizer(model, train, lr)
     ids, mask, labels = encode_pairs(model.tokenizer, [(q, a) for q, a, _ in samples])
     targets = labels != -100
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for(device, train.precision):  # the precision training compares against
         model.eval()
         old = torch.cat([_token_logprobs(model, ids[i: i + 64].to(device), mask[i: i + 64].to(device)).cpu()
                          for i in range(0, len(samples), 64)])
@@ -285,7 +288,7 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
         a = advantage[pick].to(device)[:, None]
         policy = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.grpo_clip, 1 + cfg.grpo_clip) * a)
         log_ref_ratio = old[pick].to(device) - logp
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        kl = (torch.expm1(log_ref_ratio) - log_ref_ratio).clamp_min(0)  # k3; >= 0 but for rounding
         per_token = policy + cfg.grpo_kl * kl
         loss = ((per_token * t).sum(1) / t.sum(1).clamp_min(1)).mean()
         sums["grpo-kl"] += float(((kl * t).sum(1) / t.sum(1).clamp_min(1)).mean())
@@ -304,7 +307,7 @@ def feedback_round(model: LanguageModel, problems: Sequence[Problem], objective:
         got, result = grpo_round(model, problems, cfg, train, lr, seed, device)
     else:
         got = collect(model, problems, objective, cfg, seed, train.precision)
-        if objective == "rejection_sft":
+        if objective != "spear":  # only spear learns from loses
             got.loses = []
         got.loses = capped_loses(got.loses, len(got.wins), cfg.lose_ratio, np.random.default_rng(seed))
         result = (train_on_pairs(model, got, objective, cfg, train, lr, seed, device) if got.wins
@@ -375,5 +378,5 @@ def evaluate_client(run: RunConfig, partition_id: int, tasks: Sequence[str], arr
     """Greedy first-try accuracy of the received model on this client's held-out prompts."""
     model, _, device = _client_model(run, tasks, arrays)
     _, held_out = client_problems(run, partition_id)
-    return {task: first_try_score(model, held_out, run.feedback.max_new_tokens, device, run.train.precision)
-            for task in tasks}
+    score = first_try_score(model, held_out, run.feedback.max_new_tokens, device, run.train.precision)
+    return {task: score for task in tasks}
