@@ -76,10 +76,11 @@ def _import_strategy(path: str) -> type[Strategy]:
 def reply_limits(run: RunConfig) -> ReplyLimits:
     """Bounds on a training reply's counts: the most examples a client can train on in a round (when
     the config fixes it) and, under MoE routing, the fusion tokens an example of each modality brings."""
-    max_examples = run.train.local_steps * run.train.batch_size if run.train.local_steps else None
     if run.model.language_model:  # a language model's reply counts its wins: at most one per sample drawn
         f = run.feedback
         max_examples = f.prompts_per_round * (f.grpo_group if run.train.objective == "grpo" else 1)
+    else:
+        max_examples = run.train.local_steps * run.train.batch_size if run.train.local_steps else None
     tokens = None
     if _has_experts(run):
         bank = module_bank(run)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,16 @@ def encodable(model: LanguageModel, prompts: Sequence[str], max_new_tokens: int)
     return ok
 
 
+def _answerable(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackConfig,
+                counts: Counter) -> list[Problem]:
+    """The arrivals whose prompts the model can answer; the others counted `unencodable`, the rest `prompts`."""
+    usable = encodable(model, [p.prompt for p in problems], cfg.max_new_tokens)
+    counts["unencodable"] += usable.count(False)
+    problems = [p for p, ok in zip(problems, usable) if ok]
+    counts["prompts"] = len(problems)
+    return problems
+
+
 def _attempts(model: LanguageModel, prompts: list[str], cfg: FeedbackConfig, seed: int, counts: Counter,
               precision: str = "auto") -> list[str]:
     """One sampled answer per prompt (bf16 on a GPU that has it, as `train.precision` says), cut after its
@@ -83,10 +93,7 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
             seed: int, precision: str = "auto") -> Collected:
     """Answer each arrival (and, under spear / feedback_sft, revise wrong answers from feedback)."""
     got = Collected()
-    usable = encodable(model, [p.prompt for p in problems], cfg.max_new_tokens)
-    got.counts["unencodable"] = usable.count(False)
-    problems = [p for p, ok in zip(problems, usable) if ok]
-    got.counts["prompts"] = len(problems)
+    problems = _answerable(model, problems, cfg, got.counts)
     first = _attempts(model, [p.prompt for p in problems], cfg, seed, got.counts, precision)
     wrong = []
     for problem, answer in zip(problems, first):
@@ -96,24 +103,24 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
             wrong.append((problem, answer))
     got.counts["first-correct"], got.counts["wrong"] = len(got.wins), len(wrong)
     revisions = cfg.max_revisions if objective in ("spear", "feedback_sft") else 0
-    pending = [(p, a, a) for p, a in wrong]  # (problem, first answer, latest answer)
+    pending = list(wrong)  # (problem, its latest wrong answer)
     fixed: dict[int, str] = {}  # id(problem) -> the revision that fixed it
     for attempt in range(1, revisions + 1):
         if not pending:
             break
-        prompts = [revision_prompt(p, latest) for p, _, latest in pending]
+        prompts = [revision_prompt(p, latest) for p, latest in pending]
         ok = encodable(model, prompts, cfg.max_new_tokens)
         got.counts["unencodable"] += ok.count(False)
         answers = iter(_attempts(model, [q for q, good in zip(prompts, ok) if good], cfg, seed + attempt, got.counts,
                                  precision))
         still = []
-        for (problem, original, latest), good in zip(pending, ok):
+        for (problem, latest), good in zip(pending, ok):
             answer = next(answers) if good else latest
             if good and is_correct(problem, answer):
                 got.wins.append((problem.prompt, answer))  # the original prompt: no feedback at test time
                 fixed[id(problem)] = answer
             else:
-                still.append((problem, original, answer))
+                still.append((problem, answer))
         pending = still
     got.counts["revised-correct"] = len(fixed)
     for problem, answer in wrong:
@@ -194,10 +201,6 @@ class LocalResult:
     nonfinite: int  # steps skipped because the loss was NaN or Inf
 
 
-def _optimizer(model: LanguageModel, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """A fresh AdamW each round, as SPEAR's reference: no moment carries over from another model."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def _step(model: LanguageModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig) -> bool:
@@ -216,33 +219,46 @@ def _step(model: LanguageModel, optimizer: torch.optim.Optimizer, loss: torch.Te
     return True
 
 
+def _train_steps(model: LanguageModel, train: TrainConfig, lr: float,
+                 step_loss: Callable[[], tuple[torch.Tensor, dict[str, float]]]) -> LocalResult:
+    """`train.local_steps` steps of `step_loss()` (the loss to minimise and the terms to report) with a
+    fresh AdamW, as SPEAR's reference: no moment carries over from another model. Reported terms are
+    averaged over the steps, skipped ones included."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=train.weight_decay)
+    sums: Counter = Counter()
+    done = skipped = 0
+    model.train()
+    for _ in range(train.local_steps):
+        loss, terms = step_loss()
+        sums.update(terms)
+        if _step(model, optimizer, loss, train):
+            done += 1
+        else:
+            skipped += 1
+    return LocalResult(done, {k: v / max(train.local_steps, 1) for k, v in sums.items()}, skipped)
+
+
 def train_on_pairs(model: LanguageModel, collected: Collected, objective: str, cfg: FeedbackConfig,
                    train: TrainConfig, lr: float, seed: int, device: torch.device) -> LocalResult:
     """`train.local_steps` steps on batches of wins (MLE) and, under spear, loses (unlikelihood)."""
     rng = np.random.default_rng(seed)
     wins = collected.wins
     loses = collected.loses if objective == "spear" and cfg.lose_weight > 0 else []
-    optimizer = _optimizer(model, train, lr)
-    sums: Counter = Counter()
-    done = skipped = 0
-    model.train()
-    for _ in range(train.local_steps):
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
         with autocast_for(device, train.precision):
             batch = [wins[i] for i in rng.choice(len(wins), min(train.batch_size, len(wins)), replace=False)]
             mle = mle_loss(model, batch, device)
-            loss = cfg.win_weight * mle
+            loss, terms = cfg.win_weight * mle, {"mle-loss": float(mle)}
             if loses:
                 chosen = rng.choice(len(loses), min(train.batch_size, len(loses)), replace=False)
                 ul = unlikelihood_loss(model, [loses[i] for i in chosen], cfg, device)
                 loss = loss + cfg.lose_weight * ul
-                sums["ul-loss"] += float(ul)
-        sums["mle-loss"] += float(mle)
-        if _step(model, optimizer, loss, train):
-            done += 1
-        else:
-            skipped += 1
-    steps = max(train.local_steps, 1)
-    return LocalResult(done, {k: v / steps for k, v in sums.items()}, skipped)
+                terms["ul-loss"] = float(ul)
+        return loss, terms
+
+    return _train_steps(model, train, lr, step_loss)
 
 
 def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackConfig, train: TrainConfig,
@@ -251,10 +267,7 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
     group; a PPO-clipped objective on the samples' token log-probabilities (old = the received model,
     also the KL reference, with the k3 estimator)."""
     got = Collected()
-    usable = encodable(model, [p.prompt for p in problems], cfg.max_new_tokens)
-    got.counts["unencodable"] = usable.count(False)
-    problems = [p for p, ok in zip(problems, usable) if ok]
-    got.counts["prompts"] = len(problems)
+    problems = _answerable(model, problems, cfg, got.counts)
     prompts = [p.prompt for p in problems for _ in range(cfg.grpo_group)]
     answers = _attempts(model, prompts, cfg, seed, got.counts, train.precision)
     rewards = np.array([float(is_correct(p, a)) for p, a in zip([p for p in problems for _ in range(cfg.grpo_group)],
@@ -268,7 +281,6 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
     if not samples:
         return got, LocalResult(0, {}, 0)
     rng = np.random.default_rng(seed)
-    optimizer = _optimizer(model, train, lr)
     ids, mask, labels = encode_pairs(model.tokenizer, [(q, a) for q, a, _ in samples])
     targets = labels != -100
     with torch.no_grad(), autocast_for(device, train.precision):  # the precision training compares against
@@ -276,10 +288,8 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
         old = torch.cat([_token_logprobs(model, ids[i: i + 64].to(device), mask[i: i + 64].to(device)).cpu()
                          for i in range(0, len(samples), 64)])
     advantage = torch.tensor([s[2] for s in samples])
-    sums: Counter = Counter()
-    done = skipped = 0
-    model.train()
-    for _ in range(train.local_steps):
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
         pick = torch.from_numpy(rng.choice(len(samples), min(train.batch_size, len(samples)), replace=False))
         t = targets[pick].to(device)
         with autocast_for(device, train.precision):
@@ -291,12 +301,9 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
         kl = (torch.expm1(log_ref_ratio) - log_ref_ratio).clamp_min(0)  # k3; >= 0 but for rounding
         per_token = policy + cfg.grpo_kl * kl
         loss = ((per_token * t).sum(1) / t.sum(1).clamp_min(1)).mean()
-        sums["grpo-kl"] += float(((kl * t).sum(1) / t.sum(1).clamp_min(1)).mean())
-        if _step(model, optimizer, loss, train):
-            done += 1
-        else:
-            skipped += 1
-    return got, LocalResult(done, {k: v / max(train.local_steps, 1) for k, v in sums.items()}, skipped)
+        return loss, {"grpo-kl": float(((kl * t).sum(1) / t.sum(1).clamp_min(1)).mean())}
+
+    return got, _train_steps(model, train, lr, step_loss)
 
 
 def feedback_round(model: LanguageModel, problems: Sequence[Problem], objective: str, cfg: FeedbackConfig,
