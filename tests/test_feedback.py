@@ -48,8 +48,8 @@ def test_spear_pairs_a_fixed_revision_with_the_original_prompt_and_weighs_its_lo
     })
     got = feedback.collect(model, [P1, P2, P3], "spear", FeedbackConfig(), seed=0)
     assert got.wins == [(P3.prompt, "6*7=42\n42+13=55\nA: 55"), (P1.prompt, "37+48=85\n85-19=66\nA: 66")]
-    assert got.loses == [(P1.prompt, "37+48=85\n85-19=60\nA: 60", 1.0, "37+48=85\n85-19=66\nA: 66"),
-                         (P2.prompt, "A: 40", 0.5, "")]
+    assert got.loses == [(P1.prompt, "37+48=85\n85-19=60\nA: 60", 1.0, "37+48=85\n85-19=66\nA: 66", "37+48=85\n"),
+                         (P2.prompt, "A: 40", 0.5, "", "12+30=42\n")]  # and the working the hint shows
     assert (got.counts["first-correct"], got.counts["wrong"], got.counts["revised-correct"]) == (1, 2, 1)
     # Revisions see the previous answer and the feedback; the second revision only the unfixed problem.
     assert len(calls) == 3 and calls[2] == [arithmetic.revision_prompt(P2, "A: 41")]
@@ -83,6 +83,14 @@ def test_unlikelihood_masks_eos_and_the_answer_marker_keeps_the_last_tokens_and_
     at_slip = feedback._completion_mask(model, slips, slip_labels, tokens=2, window="divergence")
     assert model.tokenizer.decode(slip_labels[0][at_slip[0]].tolist()) == "48"  # "84" from its "4" on, then "8"
     assert not at_slip[1].any()  # nothing fixed it: no slip known, no unlikelihood
+    # feedback: an unfixed lose's slip located by the working the hint revealed; none if it follows all of it
+    revealed = arithmetic.hinted_working(P1)
+    hinted = [(*slips[1][:4], revealed), ("Q: 37+48-19=?\n", "37+48=85\n85-19=65\nA: 65", 0.5, "", revealed),
+              (*slips[0][:4], revealed)]
+    _, _, hint_labels = encode_pairs(model.tokenizer, [p[:2] for p in hinted])
+    by_hint = feedback._completion_mask(model, hinted, hint_labels, tokens=2, window="feedback")
+    assert [model.tokenizer.decode(hint_labels[i][by_hint[i]].tolist()) for i in range(3)] == ["4", "", "48"]
+    # (the first: its slip is the last token of the working; a newline and the answer line follow)
     loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_tokens=0, ul_window="last"), torch.device("cpu"))
     gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_tokens=0, ul_window="last"), torch.device("cpu"))
     assert loose > 0 and gated == 0  # an untrained model gives no token 0.99

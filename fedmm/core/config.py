@@ -27,7 +27,7 @@ DEFENSES = ("none", "trust", "krum", "multikrum", "bulyan", "median", "trimmed_m
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "hf", "arithmetic"),
     "train.objective": ("supervised", *FEEDBACK_OBJECTIVES),
-    "feedback.ul_window": ("last", "divergence"),
+    "feedback.ul_window": ("last", "divergence", "feedback"),
     "data.partitioner": ("iid", "dirichlet"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),

@@ -110,6 +110,11 @@ def hint(problem: Problem) -> str:
     return " ; ".join(problem.steps()[:-1])
 
 
+def hinted_working(problem: Problem) -> str:
+    """The start of a correct completion that the hint reveals, as a completion writes it."""
+    return "".join(line + "\n" for line in problem.steps()[:-1])
+
+
 def feedback(problem: Problem, completion: str) -> str:
     """What the client's environment says about a wrong completion: that it is wrong, and a hint."""
     given = parse_answer(completion)

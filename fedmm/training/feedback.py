@@ -25,7 +25,8 @@ import torch
 
 from fedmm.core import protocol
 from fedmm.core.schema import FeedbackConfig, RunConfig, TrainConfig
-from fedmm.data.arithmetic import ANSWER_MARKER, Problem, client_problems, is_correct, parse_answer, revision_prompt
+from fedmm.data.arithmetic import (ANSWER_MARKER, Problem, client_problems, hinted_working, is_correct, parse_answer,
+                                   revision_prompt)
 from fedmm.models.causal_lm import LanguageModel, encode_pairs, sample
 from fedmm.models.model import client_components, component_vectors, load_component_vectors, module_bank
 from fedmm.training.local import TaskScore, autocast_for, lr_at, resolve_device
@@ -35,8 +36,8 @@ class Collected:
     """What a round's arrivals gave: training pairs and the counts behind them."""
 
     wins: list[tuple[str, str]] = field(default_factory=list)  # (original prompt, correct completion)
-    # (prompt, wrong completion, confidence, the revision that fixed it or "")
-    loses: list[tuple[str, str, float, str]] = field(default_factory=list)
+    # (prompt, wrong completion, confidence, the revision that fixed it or "", the working the hint revealed)
+    loses: list[tuple[str, str, float, str, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
 
@@ -126,7 +127,7 @@ def collect(model: LanguageModel, problems: Sequence[Problem], objective: str, c
     for problem, answer in wrong:
         if answer:  # an empty answer has no token to unlearn
             fix = fixed.get(id(problem), "")
-            got.loses.append((problem.prompt, answer, 1.0 if fix else 0.5, fix))
+            got.loses.append((problem.prompt, answer, 1.0 if fix else 0.5, fix, hinted_working(problem)))
     return got
 
 
@@ -137,25 +138,38 @@ def capped_loses(loses: list[tuple], wins: int, ratio: float, rng: np.random.Gen
     return [loses[i] for i in order[:cap]]
 
 
+def _slip(completion: str, pair: tuple, window: str) -> int | None:
+    """Where a lose departs from a correct working, or None where that is not known: from the revision
+    that fixed it (`divergence`, `feedback`), else from the working the hint revealed (`feedback`; not
+    known if the lose follows all of it, so its slip came in the unrevealed last line)."""
+    fix = pair[3] if len(pair) > 3 else ""
+    reference = fix or (pair[4] if window == "feedback" and len(pair) > 4 else "")
+    if not reference:
+        return None
+    departs = next((i for i, (x, y) in enumerate(zip(completion, reference)) if x != y), None)
+    if departs is None:
+        return min(len(completion), len(reference)) if fix else None
+    return departs
+
+
 def _completion_mask(model: LanguageModel, pairs: Sequence[tuple], labels: torch.Tensor, tokens: int,
                      window: str = "last") -> torch.Tensor:
     """Per lose, the label positions unlikelihood may push down: `tokens` (0: all) tokens of the working,
-    the last ones (window `last`) or those from where it departs from the revision that fixed it
-    (`divergence`: the slip itself; a lose nothing fixed gets none). Never EOS, never the answer line
-    (its marker, and its value, which restates the working's last result: pushing it down teaches the
-    model not to copy, not to compute), never a token of whitespace only (layout)."""
+    the last ones (window `last`) or those from its slip on (`divergence`, `feedback`: see `_slip`; a lose
+    whose slip is not known gets none). Never EOS, never the answer line (its marker, and its value, which
+    restates the working's last result: pushing it down teaches the model not to copy, not to compute),
+    never a token of whitespace only (layout)."""
     mask = (labels != -100) & (labels != model.tokenizer.eos_token_id)
     for row, pair in enumerate(pairs):
         completion = pair[1]
         positions = torch.nonzero(mask[row]).flatten()
         start = completion.find(ANSWER_MARKER)
         end = len(completion) if start < 0 or completion.find("\n", start) < 0 else completion.find("\n", start)
-        fix = pair[3] if window == "divergence" and len(pair) > 3 else ""
-        departs = next((i for i, (x, y) in enumerate(zip(completion, fix)) if x != y), min(len(completion), len(fix)))
+        departs = _slip(completion, pair, window) if window != "last" else 0
         spans = model.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for index, (a, b) in enumerate(spans[: len(positions)]):
             on_answer_line = start >= 0 and a < end and b > start
-            before_slip = window == "divergence" and (not fix or b <= departs)
+            before_slip = departs is None or b <= departs
             if on_answer_line or before_slip or not completion[a:b].strip():
                 mask[row, positions[index]] = False
         kept = torch.nonzero(mask[row]).flatten()
