@@ -28,8 +28,8 @@ from fedmm.core.components import ComponentLayout
 from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate, ReplyLimits
 from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers
-from fedmm.robustness.trust import (ComponentUpdates, Reputation, RoundDecision, behaviour_sample, clip_factors,
-                                    decide_round, row_norms)
+from fedmm.robustness.trust import (SCREEN_REASONS, ComponentUpdates, Reputation, RoundDecision, behaviour_sample,
+                                    clip_factors, decide_round, row_norms)
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
 
@@ -142,8 +142,8 @@ class TrustScoring(Strategy):
                                 behaviour=judge, strikes=d.behaviour_strikes)
         node_of = {p: u.node_id for p, u in updates.items()}
         for p, reason in sorted(decision.dropped.items()):
-            log(WARNING if reason.split(":")[0] in ("non-finite", "zero-update", "absurd-norm", "duplicate")
-                else INFO, "round %d: trust scoring leaves out client %d (%s)", server_round, p, reason)
+            level = WARNING if reason.split(":")[0] in SCREEN_REASONS else INFO
+            log(level, "round %d: trust scoring leaves out client %d (%s)", server_round, p, reason)
         log_rejections(server_round, rejected)
         self.last_report = self._report(decision, rejected, partition, strength)
         kept_nodes = {node_of[p] for p in decision.aggregated}

@@ -208,7 +208,7 @@ def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
     rows = updates["fusion.shared"].deltas
     rows[3] = spoil(rows[3])
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
-    assert list(bad) == [3] and bad[3].startswith(reason)
+    assert list(bad) == [3] and bad[3].startswith(reason) and bad[3].split(":")[0] in trust.SCREEN_REASONS
 
 
 def test_exact_copies_are_screened_out_together():
@@ -216,7 +216,7 @@ def test_exact_copies_are_screened_out_together():
     rows = updates["fusion.shared"].deltas
     rows[5] = rows[2]
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
-    assert sorted(bad) == [2, 5]
+    assert sorted(bad) == [2, 5] and {r.split(":")[0] for r in bad.values()} <= set(trust.SCREEN_REASONS)
 
 
 def test_row_norms_are_exact_even_where_float32_squares_overflow():
@@ -437,6 +437,22 @@ def test_the_screen_names_near_duplicates():
     updates = {"fusion.shared": trust.ComponentUpdates(list(range(8)), deltas)}
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert set(bad) == {4, 5} and bad[4].startswith("near-duplicate: fusion.shared") and "client 5" in bad[4]
+    assert {r.split(":")[0] for r in bad.values()} <= set(trust.SCREEN_REASONS)  # logged as warnings
+
+
+def test_a_colluder_caught_on_one_component_still_exposes_its_partner_on_another():
+    """ALIE on seed 0: the attacker holding only the text encoder went unseen while its one partner
+    there had already been caught on the image encoder and left the comparison."""
+    rng = np.random.default_rng(7)
+    image = rng.standard_normal((8, 64)).astype(np.float32)
+    image[5] = image[4] + 0.01 * rng.standard_normal(64).astype(np.float32)
+    text = rng.standard_normal((8, 64)).astype(np.float32)
+    text[1] = text[0] + 0.01 * rng.standard_normal(64).astype(np.float32)  # rows 0, 1: clients 4 and 8
+    updates = {"encoder.image": trust.ComponentUpdates(list(range(8)), image),
+               "encoder.text": trust.ComponentUpdates([4, *range(8, 15)], text)}
+    sent = {c: np.zeros(64, np.float32) for c in updates}
+    bad, _ = trust.screen_updates(updates, sent, 100.0, np.random.default_rng(0))
+    assert set(bad) == {4, 5, 8} and bad[8].startswith("near-duplicate: encoder.text") and "client 4" in bad[8]
 
 
 def test_clients_the_behaviour_check_catches_take_no_part_in_the_statistics():

@@ -551,6 +551,10 @@ class RoundDecision:
     consensus: dict[int, float] = field(default_factory=dict)  # mean direction over shared components
 
 
+# The first word of the input screen's reasons: updates no honest client sends (logged as warnings).
+SCREEN_REASONS = ("non-finite", "zero-update", "absurd-norm", "duplicate", "near-duplicate")
+
+
 def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
                    max_relative_norm: float, rng: np.random.Generator) -> tuple[dict[int, str], dict[str, np.ndarray]]:
     """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
@@ -569,6 +573,7 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
     for client, any_change in moved.items():
         if not any_change:
             bad.setdefault(client, "zero-update: the update changes nothing")
+    unscorable = set(bad)
     for c, u in components.items():
         norms = all_norms[c]
         ok = [i for i, client in enumerate(u.client_ids) if client not in bad]
@@ -589,10 +594,13 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
                 bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is "
                                                 f"{norms[i] / weights_norm:.0f}x the component's own norm")
         # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
+        # Every finite, moving update is a peer here, even one another component already caught: a
+        # colluder caught on its first component must still expose the one that holds only this one.
+        peers = [i for i, client in enumerate(u.client_ids) if client not in unscorable]
         probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
-        probed = u.deltas[np.ix_(ok, probe)]
+        probed = u.deltas[np.ix_(peers, probe)]
         seen: dict[bytes, int] = {}
-        for j, i in enumerate(ok):
+        for j, i in enumerate(peers):
             key = norms[i].tobytes() + probed[j].tobytes()
             first = seen.setdefault(key, i)
             if first != i and np.array_equal(u.deltas[first], u.deltas[i]):
@@ -600,8 +608,8 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
                 bad.setdefault(b, f"duplicate: {c} identical to client {a}'s")
                 bad.setdefault(a, f"duplicate: {c} identical to client {b}'s")
         for i, (j, closeness) in near_duplicates(probed).items():
-            bad.setdefault(u.client_ids[ok[i]], f"near-duplicate: {c} at {closeness:.0%} of the cohort's typical "
-                                                f"distance from client {u.client_ids[ok[j]]}'s")
+            bad.setdefault(u.client_ids[peers[i]], f"near-duplicate: {c} at {closeness:.0%} of the cohort's typical "
+                                                   f"distance from client {u.client_ids[peers[j]]}'s")
     return bad, all_norms
 
 
