@@ -229,3 +229,39 @@ def test_a_language_models_replies_are_bounded_by_the_samples_it_drew(objective,
     run = load_config(None, ["model.language_model=fedmm:arith-lm", f"train.objective={objective}", "data.source=arithmetic",
                              "train.local_steps=2", "train.batch_size=4"])
     assert reply_limits(run).max_examples == most  # wins, not local_steps x batch_size (8)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_and_qwen2_saved_from_tiny_configs_load_by_path_and_train_a_spear_round(family, tmp_path, monkeypatch):
+    """The other two families of the model bank: LoRA on all seven projections of each block, a component
+    per block, a real SPEAR round (sampling scripted: every other first try right, revisions fixed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedmm.models.model import initial_global_vectors
+    from fedmm.training import client
+
+    tokenizer = char_tokenizer()
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm, _ = load_causal_lm(str(tmp_path))
+    adapted = add_lm_lora(lm, LoraSettings(r=4, alpha=8))
+    assert sum(name.endswith("lora_A") for name, _ in adapted.named_modules()) == 7 * 2
+    run = load_config(None, [f"model.language_model={tmp_path}", "train.objective=spear", "data.source=arithmetic",
+                             "clients.num=2", "data.examples_per_task=60", "feedback.prompts_per_round=12",
+                             "feedback.max_new_tokens=24", "train.local_steps=2", "train.batch_size=4", "seed=1"])
+    solutions = {p.prompt.removeprefix("Q: "): p.solution for p in arithmetic.client_problems(run, 0)[0]}
+
+    def scripted(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=64):
+        return [(solutions[p.rsplit("Q: ", 1)[1]] if i % 2 or "Previous" in p else "A: 0", True)
+                for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(feedback, "sample", scripted)
+    sent = initial_global_vectors(run)
+    assert sorted(sent) == ["lm.block.0", "lm.block.1"]
+    vectors, wins, _, metrics = client.train(run, client.identify(run, {"partition-id": 0}), sent, 1)
+    assert wins == 12 and metrics["feedback.revised-correct"] == 6 and metrics["feedback.loses"] == 6
+    assert all(not np.array_equal(vectors[c], sent[c]) for c in sent)  # every block's adapters trained

@@ -264,12 +264,12 @@ def train_on_pairs(model: LanguageModel, collected: Collected, objective: str, c
         with autocast_for(device, train.precision):
             batch = [wins[i] for i in rng.choice(len(wins), min(train.batch_size, len(wins)), replace=False)]
             mle = mle_loss(model, batch, device)
-            loss, terms = cfg.win_weight * mle, {"mle-loss": float(mle)}
+            loss, terms = cfg.win_weight * mle, {"mle-loss": mle.item()}
             if loses:
                 chosen = rng.choice(len(loses), min(train.batch_size, len(loses)), replace=False)
                 ul = unlikelihood_loss(model, [loses[i] for i in chosen], cfg, device)
                 loss = loss + cfg.lose_weight * ul
-                terms["ul-loss"] = float(ul)
+                terms["ul-loss"] = ul.item()
         return loss, terms
 
     return _train_steps(model, train, lr, step_loss)
@@ -315,7 +315,7 @@ def grpo_round(model: LanguageModel, problems: Sequence[Problem], cfg: FeedbackC
         kl = (torch.expm1(log_ref_ratio) - log_ref_ratio).clamp_min(0)  # k3; >= 0 but for rounding
         per_token = policy + cfg.grpo_kl * kl
         loss = ((per_token * t).sum(1) / t.sum(1).clamp_min(1)).mean()
-        return loss, {"grpo-kl": float(((kl * t).sum(1) / t.sum(1).clamp_min(1)).mean())}
+        return loss, {"grpo-kl": ((kl * t).sum(1) / t.sum(1).clamp_min(1)).mean().item()}
 
     return got, _train_steps(model, train, lr, step_loss)
 
