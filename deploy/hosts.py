@@ -5,6 +5,7 @@ the machine's own network, and traffic between hosts never leaves the namespaces
     python deploy/hosts.py check                          can this user make namespaces? (exit 0 / 3)
     python deploy/hosts.py up --tag T link user node0     make hosts T-link (.1), T-user (.2), T-node0 (.3)
     python deploy/hosts.py cable --tag T node0 down|up    unplug / plug a host's cable at the bridge
+    python deploy/hosts.py stop --tag T node0             stop the processes inside one host (TERM, then KILL)
     python deploy/hosts.py down --tag T                   stop every process inside, remove everything
     python deploy/hosts.py list                           the namespaces some run left (tags)
 
@@ -126,10 +127,8 @@ def _pids(ns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
-def down(tag: str, grace: float = 10.0) -> list[str]:
-    """Stop every process inside the tag's namespaces (TERM, then KILL after `grace` seconds) and
-    delete the namespaces, which removes their links. Returns what was removed."""
-    names = namespaces(tag)
+def _stop(names: list[str], grace: float) -> None:
+    """Stop every process inside these namespaces: TERM, then KILL whatever is left after `grace` seconds."""
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         pids = [p for ns in names for p in _pids(ns)]
         for pid in pids:
@@ -140,6 +139,21 @@ def down(tag: str, grace: float = 10.0) -> list[str]:
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline and any(_pids(ns) for ns in names):
             time.sleep(0.2)
+
+
+def stop(tag: str, host: str, grace: float = 10.0) -> None:
+    """Stop the processes of one host (a SuperNode restarted mid-run); the host and its cable stay."""
+    ns = namespace(tag, host)
+    if ns not in namespaces(tag):
+        raise HostsError(f"no host {host!r} in the network tagged {tag!r}")
+    _stop([ns], grace)
+
+
+def down(tag: str, grace: float = 10.0) -> list[str]:
+    """Stop every process inside the tag's namespaces (TERM, then KILL after `grace` seconds) and
+    delete the namespaces, which removes their links. Returns what was removed."""
+    names = namespaces(tag)
+    _stop(names, grace)
     errors = []
     for ns in names:
         try:
@@ -156,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check")
     sub.add_parser("list")
-    for name in ("up", "cable", "down"):
+    for name in ("up", "cable", "stop", "down"):
         p = sub.add_parser(name)
         p.add_argument("--tag", required=True)
         if name == "up":
             p.add_argument("hosts", nargs="+")
-        if name == "cable":
+        if name in ("cable", "stop"):
             p.add_argument("host")
+        if name == "cable":
             p.add_argument("state", choices=["up", "down"])
     args = parser.parse_args(argv)
     try:
@@ -178,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(host, addr)
         elif args.command == "cable":
             cable(args.tag, args.host, args.state)
+        elif args.command == "stop":
+            stop(args.tag, args.host)
         else:
             removed = down(args.tag)
             print(f"removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))

@@ -106,9 +106,7 @@ inject() {
     wait_round $((round - 1))
     # TERM: the SuperNode says goodbye (deactivates), so its key may connect again at once; a node
     # killed outright is refused (code 2004) until its heartbeats lapse, about a minute.
-    for pid in $(ip netns pids "$(ns "node$node")"); do kill -TERM "$pid" 2>/dev/null; done
-    for _ in $(seq 1 100); do [ -z "$(ip netns pids "$(ns "node$node")")" ] && break; sleep 0.1; done
-    for pid in $(ip netns pids "$(ns "node$node")"); do kill -KILL "$pid" 2>/dev/null; done
+    python "$ROOT/deploy/hosts.py" stop --tag "$tag" "node$node" >> "$logs/hosts.log" 2>&1
     event stopped "node$node" "$round"
     rm -f "${sockets[$node]}"
     mv "$logs/supernode-$node.log" "$logs/supernode-$node.before-restart.log"

@@ -58,6 +58,11 @@ def test_hosts_reach_each_other_only_while_cabled_and_leave_nothing_behind():
         assert not [n for n in names if n.startswith("fedmm") or n == "br0" or re.fullmatch(r"p\d+", n)]
         assert hosts.subnet_of(tag).with_prefixlen not in subprocess.run(["ip", "route"], capture_output=True,
                                                                          text=True).stdout
+        # One host's processes stop (a SuperNode restarted); the host stays, cabled, for the next one.
+        client = _serve(tag, "client", 7001)
+        hosts.stop(tag, "client", grace=5.0)
+        assert client.wait(timeout=10) is not None and server.poll() is None
+        assert len(hosts.namespaces(tag)) == 3 and _reaches(tag, "client", addresses["server"], 7000)
     finally:
         removed = hosts.down(tag)
     assert len(removed) == 3 and not hosts.namespaces(tag)
@@ -70,6 +75,7 @@ def test_hosts_reach_each_other_only_while_cabled_and_leave_nothing_behind():
     (lambda: hosts.up("tx", ["a", "a"]), "distinct"),
     (lambda: hosts.up("tx", ["switch"]), "distinct"),
     (lambda: hosts.cable("nosuch", "a", "down"), "no host"),
+    (lambda: hosts.stop("nosuch", "a"), "no host"),
 ])
 def test_bad_network_requests_are_refused_with_what_is_wrong(call, message):
     with pytest.raises(hosts.HostsError, match=message):
