@@ -42,46 +42,41 @@ done
 [[ "$partition" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --partition-id must be a number >= 0" >&2; exit 2; }
 [[ "$connect_timeout" =~ ^[0-9]+$ ]] || { echo "supernode.sh: --connect-timeout must be a number of seconds >= 0" >&2; exit 2; }
 [[ "$superlink" =~ ^.+:[0-9]+$ ]] || { echo "supernode.sh: --superlink $superlink is not HOST:PORT" >&2; exit 2; }
-# Flower's SuperNode retries an address that does not answer with only a warning per attempt: say up
-# front which address and how long, so a wrong --superlink is not a silent wait.
-if ! python - "$superlink" <<'PY'
-import socket, sys
+# Flower's SuperNode retries an address that does not answer, or a failed TLS handshake, with only a
+# warning per attempt: one probe says up front which address and how long, and stops on a wrong CA,
+# so neither is a silent wait. It prints `unreachable`, `tls: <why>` or nothing.
+ca=""
+if [ -n "$creds" ] && [ -f "$creds/ca.crt" ]; then ca="$creds/ca.crt"; fi
+probe=$(python - "$superlink" "$ca" <<'PY'
+import socket, ssl, sys
 host, _, port = sys.argv[1].rpartition(":")
+host = host.strip("[]")
 try:
-    socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-except OSError:
-    sys.exit(1)
+    raw = socket.create_connection((host, int(port)), timeout=5)
+except (OSError, ValueError):
+    sys.exit(print("unreachable"))
+with raw:
+    try:
+        if sys.argv[2]:
+            with ssl.create_default_context(cafile=sys.argv[2]).wrap_socket(raw, server_hostname=host):
+                pass
+    except ssl.SSLCertVerificationError as err:
+        print("tls:", err.verify_message or err.reason or err)
+    except (OSError, ValueError):
+        pass  # it answers; any other handshake trouble is Flower's to report
 PY
-then
+)
+if [ "$probe" = unreachable ]; then
   if [ "$connect_timeout" = 0 ]; then
     echo "supernode.sh: the SuperLink at $superlink does not answer yet; waiting for it (--connect-timeout 0)" >&2
   else
     echo "supernode.sh: the SuperLink at $superlink does not answer yet; this node waits up to ${connect_timeout} s" \
       "(--connect-timeout), then stops with exit status 1" >&2
   fi
-fi
-# With TLS, check the SuperLink's certificate against our CA before Flower does: Flower retries a
-# failed handshake with only a warning each time, so a wrong CA would look like a silent wait.
-if [ -n "$creds" ] && [ -f "$creds/ca.crt" ]; then
-  verdict=$(python - "$superlink" "$creds/ca.crt" <<'PY'
-import socket, ssl, sys
-host, _, port = sys.argv[1].rpartition(":")
-context = ssl.create_default_context(cafile=sys.argv[2])
-try:
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname=host.strip("[]")):
-            pass
-except ssl.SSLCertVerificationError as err:
-    print(err.verify_message or err.reason or err)
-except (OSError, ValueError):
-    pass  # not answering yet: said above, and Flower waits for it
-PY
-)
-  if [ -n "$verdict" ]; then
-    echo "supernode.sh: TLS verification of the SuperLink at $superlink failed against $creds/ca.crt: $verdict" \
-      "(is it the CA that signed the SuperLink's certificate, and does that certificate name this address?)" >&2
-    exit 2
-  fi
+elif [ -n "$probe" ]; then
+  echo "supernode.sh: TLS verification of the SuperLink at $superlink failed against $ca: ${probe#tls: }" \
+    "(is it the CA that signed the SuperLink's certificate, and does that certificate name this address?)" >&2
+  exit 2
 fi
 node_config="partition-id=$partition"
 if [ -n "$data_path" ]; then
