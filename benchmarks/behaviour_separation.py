@@ -4,8 +4,9 @@ Reads the per-client trust reports of finished `defense.name=trust` runs (`metri
 client's trigger lift per round (its best universal trigger's flip rate minus the cohort median, the
 larger over its modalities: what `behaviour_outliers` compares with `defense.behaviour_margin`). For
 each attacked run it sweeps the threshold and reports the one with the best min(precision, recall) over
-client-rounds, chosen on that run itself (an upper bound for any fixed margin); for each run without
-an attack, how many honest client-rounds that threshold would have flagged. A reading is taken after
+client-rounds, chosen on that run itself (an upper bound for any fixed margin; the check's floor,
+BACKDOOR_FLOOR, is left out, which could only lower recall), the highest of equally good ones; for each
+run without an attack, how many honest client-rounds that threshold would have flagged. A reading is taken after
 the run's own decisions (caught clients leave the aggregate), so it is the check's view of that run.
 
     python benchmarks/behaviour_separation.py --attacked RUN... --clean RUN...
@@ -47,7 +48,7 @@ def best_threshold(readings: list[tuple[int, int, float]], attackers: set[int]) 
         flagged = [(c in attackers) for _, c, v in readings if v > threshold]
         precision = sum(flagged) / max(len(flagged), 1)
         recall = sum(flagged) / max(positives, 1)
-        if min(precision, recall) > best["min_precision_recall"]:
+        if min(precision, recall) >= best["min_precision_recall"]:  # ties: the highest, fewest false flags
             best = {"min_precision_recall": round(min(precision, recall), 3), "threshold": round(float(threshold), 2),
                     "precision": round(precision, 3), "recall": round(recall, 3)}
     return best

@@ -106,8 +106,8 @@ inject() {
     wait_round $((round - 1))
     # TERM: the SuperNode says goodbye (deactivates), so its key may connect again at once; a node
     # killed outright is refused (code 2004) until its heartbeats lapse, about a minute.
-    python "$ROOT/deploy/hosts.py" stop --tag "$tag" "node$node" >> "$logs/hosts.log" 2>&1
-    event stopped "node$node" "$round"
+    python "$ROOT/deploy/hosts.py" stop --tag "$tag" "node$node" >> "$logs/hosts.log" 2>&1 \
+      && event stopped "node$node" "$round"
     rm -f "${sockets[$node]}"
     mv "$logs/supernode-$node.log" "$logs/supernode-$node.before-restart.log"
     start_node "$node"; event started "node$node" "$round"

@@ -44,7 +44,7 @@ done
 [[ "$superlink" =~ ^.+:[0-9]+$ ]] || { echo "supernode.sh: --superlink $superlink is not HOST:PORT" >&2; exit 2; }
 # Flower's SuperNode retries an address that does not answer, or a failed TLS handshake, with only a
 # warning per attempt: one probe says up front which address and how long, and stops on a wrong CA,
-# so neither is a silent wait. It prints `unreachable`, `tls: <why>` or nothing.
+# so neither is a silent wait. It prints `unreachable`, `ca: <why>`, `tls: <why>` or nothing.
 ca=""
 if [ -n "$creds" ] && [ -f "$creds/ca.crt" ]; then ca="$creds/ca.crt"; fi
 probe=$(python - "$superlink" "$ca" <<'PY'
@@ -52,13 +52,17 @@ import socket, ssl, sys
 host, _, port = sys.argv[1].rpartition(":")
 host = host.strip("[]")
 try:
+    context = ssl.create_default_context(cafile=sys.argv[2]) if sys.argv[2] else None
+except (OSError, ValueError) as err:  # a CA file that is no certificate: Flower would retry in silence
+    sys.exit(print(f"ca: {err}"))
+try:
     raw = socket.create_connection((host, int(port)), timeout=5)
 except (OSError, ValueError):
     sys.exit(print("unreachable"))
 with raw:
     try:
-        if sys.argv[2]:
-            with ssl.create_default_context(cafile=sys.argv[2]).wrap_socket(raw, server_hostname=host):
+        if context is not None:
+            with context.wrap_socket(raw, server_hostname=host):
                 pass
     except ssl.SSLCertVerificationError as err:
         print("tls:", err.verify_message or err.reason or err)
@@ -73,6 +77,9 @@ if [ "$probe" = unreachable ]; then
     echo "supernode.sh: the SuperLink at $superlink does not answer yet; this node waits up to ${connect_timeout} s" \
       "(--connect-timeout), then stops with exit status 1" >&2
   fi
+elif [[ "$probe" == ca:* ]]; then
+  echo "supernode.sh: $ca is not a CA certificate that TLS can load: ${probe#ca: }" >&2
+  exit 2
 elif [ -n "$probe" ]; then
   echo "supernode.sh: TLS verification of the SuperLink at $superlink failed against $ca: ${probe#tls: }" \
     "(is it the CA that signed the SuperLink's certificate, and does that certificate name this address?)" >&2

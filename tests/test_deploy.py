@@ -70,6 +70,13 @@ def test_supernode_refuses_bad_arguments(args, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+def test_a_supernode_given_a_ca_file_that_is_no_certificate_says_so_before_flower_starts(tmp_path):
+    (tmp_path / "ca.crt").write_text("not a certificate\n")
+    proc = subprocess.run([str(DEPLOY / "supernode.sh"), "--superlink", "127.0.0.1:9", "--partition-id", "0",
+                           "--creds", str(tmp_path), "--no-model-worker"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"{tmp_path / 'ca.crt'} is not a CA certificate" in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_supernode_whose_superlink_never_answers_says_so_and_stops(tmp_path):
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there

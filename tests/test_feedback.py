@@ -91,6 +91,13 @@ def test_unlikelihood_masks_eos_and_the_answer_marker_keeps_the_last_tokens_and_
     by_hint = feedback._completion_mask(model, hinted, hint_labels, tokens=2, window="feedback")
     assert [model.tokenizer.decode(hint_labels[i][by_hint[i]].tolist()) for i in range(3)] == ["4", "", "48"]
     # (the first: its slip is the last token of the working; a newline and the answer line follow)
+    # a fixing revision outranks the hint (which this lose follows all of); spaces are layout, not a slip
+    late = [("Q: 37+48-19=?\n", "37+48=85\n85-19=65\nA: 65", 1.0, "37+48=85\n85-19=66\nA: 66", revealed),
+            ("Q: 37+48-19=?\n", "37 + 48 = 85\n85 - 19 = 65\nA: 65", 0.5, "", revealed),
+            ("Q: 37+48-19=?\n", "37 + 48 = 84\nA: 84", 0.5, "", revealed)]
+    _, _, late_labels = encode_pairs(model.tokenizer, [p[:2] for p in late])
+    by_fix = feedback._completion_mask(model, late, late_labels, tokens=2, window="feedback")
+    assert [model.tokenizer.decode(late_labels[i][by_fix[i]].tolist()) for i in range(3)] == ["5", "", "4"]
     loose = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.0, ul_tokens=0, ul_window="last"), torch.device("cpu"))
     gated = feedback.unlikelihood_loss(model, pairs, FeedbackConfig(ul_threshold=0.99, ul_tokens=0, ul_window="last"), torch.device("cpu"))
     assert loose > 0 and gated == 0  # an untrained model gives no token 0.99

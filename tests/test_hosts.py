@@ -4,6 +4,7 @@ TLS for the SuperLink's host address, network faults, and nothing left behind.""
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_hosts_reach_each_other_only_while_cabled_and_leave_nothing_behind():
         # One host's processes stop (a SuperNode restarted); the host stays, cabled, for the next one.
         client = _serve(tag, "client", 7001)
         hosts.stop(tag, "client", grace=5.0)
-        assert client.wait(timeout=10) is not None and server.poll() is None
+        assert client.wait(timeout=10) == -signal.SIGTERM and server.poll() is None
         assert len(hosts.namespaces(tag)) == 3 and _reaches(tag, "client", addresses["server"], 7000)
     finally:
         removed = hosts.down(tag)

@@ -558,8 +558,8 @@ SCREEN_REASONS = ("non-finite", "zero-update", "absurd-norm", "duplicate", "near
 def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
                    max_relative_norm: float, rng: np.random.Generator) -> tuple[dict[int, str], dict[str, np.ndarray]]:
     """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
-    an absurd norm, an exact copy of another's update), and each component's exact update norms,
-    from one pass over the updates."""
+    an absurd norm, an exact or near copy of another's update), and each component's exact update
+    norms, from one pass over the updates."""
     bad: dict[int, str] = {}
     all_norms = {c: row_norms(u.deltas) for c, u in components.items()}
     moved: dict[int, bool] = {}
@@ -594,8 +594,9 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
                 bad.setdefault(u.client_ids[i], f"absurd-norm: {c} norm {norms[i]:.3g} is "
                                                 f"{norms[i] / weights_norm:.0f}x the component's own norm")
         # Exact copies: honest clients with their own data and seeds never send bit-identical updates.
-        # Every finite, moving update is a peer here, even one another component already caught: a
-        # colluder caught on its first component must still expose the one that holds only this one.
+        # Every client not screened out as non-finite or unmoved is a peer here, even one another
+        # component already caught: a colluder caught on its first component must still expose the
+        # one that holds only this one.
         peers = [i for i, client in enumerate(u.client_ids) if client not in unscorable]
         probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
         probed = u.deltas[np.ix_(peers, probe)]

@@ -6,11 +6,11 @@ reference answer. Under `spear`, a wrong answer is revised up to `max_revisions`
 prompted with the previous answer and feedback with a hint; the first correct revision is a win stored
 with the ORIGINAL prompt, the first wrong answer a lose (confidence 1.0 if a revision fixed it, 0.5 if
 none did). The loss is lambda_win * token-mean MLE on wins + lambda_lose * confidence-weighted
-unlikelihood on the last N completion tokens of loses, where the model gives the token more than
-`ul_threshold` probability, never on EOS or the answer marker. Baselines by `train.objective`:
-`feedback_sft` (the same wins, no unlikelihood), `rejection_sft` (first-try wins only, no revisions),
-`grpo` (a group of samples per prompt, 0/1 reward, clipped policy gradient with a KL to the received
-model). A client with no win does not train; the server weighs replies by their wins.
+unlikelihood on N tokens of each lose's working (from its slip, or its last ones: `ul_window`), where
+the model gives the token more than `ul_threshold` probability, never on EOS or the answer line.
+Baselines by `train.objective`: `feedback_sft` (the same wins, no unlikelihood), `rejection_sft`
+(first-try wins only, no revisions), `grpo` (a group of samples per prompt, 0/1 reward, clipped policy
+gradient with a KL to the received model). A client with no win does not train; the server weighs replies by their wins.
 """
 
 from __future__ import annotations
@@ -141,15 +141,20 @@ def capped_loses(loses: list[tuple], wins: int, ratio: float, rng: np.random.Gen
 def _slip(completion: str, pair: tuple, window: str) -> int | None:
     """Where a lose departs from a correct working, or None where that is not known: from the revision
     that fixed it (`divergence`, `feedback`), else from the working the hint revealed (`feedback`; not
-    known if the lose follows all of it, so its slip came in the unrevealed last line)."""
+    known if the lose follows all of it, so its slip came in the unrevealed last line). Spaces are
+    layout, skipped on both sides: `37 + 48 = 85` has not slipped from `37+48=85`."""
     fix = pair[3] if len(pair) > 3 else ""
     reference = fix or (pair[4] if window == "feedback" and len(pair) > 4 else "")
     if not reference:
         return None
-    departs = next((i for i, (x, y) in enumerate(zip(completion, reference)) if x != y), None)
+    at = [i for i, ch in enumerate(completion) if ch not in " \t"]  # the completion's characters that count
+    wanted = [ch for ch in reference if ch not in " \t"]
+    departs = next((k for k, (i, y) in enumerate(zip(at, wanted)) if completion[i] != y), None)
     if departs is None:
-        return min(len(completion), len(reference)) if fix else None
-    return departs
+        if not fix:
+            return None
+        departs = min(len(at), len(wanted))  # one ends where the other goes on
+    return at[departs] if departs < len(at) else len(completion)
 
 
 def _completion_mask(model: LanguageModel, pairs: Sequence[tuple], labels: torch.Tensor, tokens: int,
@@ -165,11 +170,11 @@ def _completion_mask(model: LanguageModel, pairs: Sequence[tuple], labels: torch
         positions = torch.nonzero(mask[row]).flatten()
         start = completion.find(ANSWER_MARKER)
         end = len(completion) if start < 0 or completion.find("\n", start) < 0 else completion.find("\n", start)
-        departs = _slip(completion, pair, window) if window != "last" else 0
+        departs = _slip(completion, pair, window) if window != "last" else None
         spans = model.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for index, (a, b) in enumerate(spans[: len(positions)]):
             on_answer_line = start >= 0 and a < end and b > start
-            before_slip = departs is None or b <= departs
+            before_slip = window != "last" and (departs is None or b <= departs)
             if on_answer_line or before_slip or not completion[a:b].strip():
                 mask[row, positions[index]] = False
         kept = torch.nonzero(mask[row]).flatten()
