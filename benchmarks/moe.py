@@ -1,7 +1,7 @@
 """Mixture-of-experts fine-tuning: dense LoRA against MoE-LoRA and MoE-LoRA with GRPO routing.
 
 Runs `fedmm simulate` (Flower's Simulation Engine, Ray) on the default federation (12 clients: image,
-text and multimodal profiles, 8 rounds) once per variant and seed. Every variant freezes the same
+text and multimodal profiles, 12 rounds) once per variant and seed. Every variant freezes the same
 fusion feed-forward weights and adapts them: one LoRA adapter (`moe.fusion_ffn=lora`), LoRA experts
 behind the modality-aware top-k router (`experts`), and the same with the router also trained as a
 policy (`moe.routing=grpo`). `full` (the fusion feed-forward trained outright, fedmm's default) is run

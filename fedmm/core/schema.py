@@ -184,7 +184,7 @@ class DefenseConfig:
     late_round: int = 5
     warmup_rounds: int = 3  # trust: reputation drops clients only after this many rounds
     consensus_weight: float = 0.3  # trust: share of a client's score given to its mean direction over its non-head components
-    max_relative_norm: float = 100.0  # updates larger than this x the median update norm, or x the component's own norm, are rejected outright
+    max_relative_norm: float = 100.0  # trust: updates larger than this x the median update norm, or x the component's own norm, are rejected outright
     num_malicious: int = 0  # krum / multikrum / bulyan: assumed attackers per component; 0 = 30% of holders
     trim_fraction: float = 0.2  # trimmed_mean: share cut from each end
     root_examples: int = 100  # fltrust: clean examples per task the server trains on
