@@ -82,7 +82,7 @@ def make_problems(count: int, seed: int, kinds: Sequence[str] = KINDS, split: in
         problem = Problem(tuple(numbers), kind)
         if _held_out(problem) != bool(split) or problem in seen:
             continue  # each problem belongs to one split, by its hash
-        if any(int(step.rsplit("=", 1)[1]) == problem.answer for step in problem.steps()[:-1]):
+        if any(int(step.rsplit("=", 1)[1]) == problem.answer for step in hinted_steps(problem)):
             continue  # the hint (the steps before the last) must not state the answer, even by coincidence
         seen.add(problem)
         problems.append(problem)
@@ -104,15 +104,20 @@ def is_correct(problem: Problem, completion: str) -> bool:
     return parse_answer(completion) == problem.answer
 
 
-def hint(problem: Problem) -> str:
-    """Partial feedback: the solution's lines but the last (the one that reaches the answer), as
+def hinted_steps(problem: Problem) -> list[str]:
+    """What the hint reveals: the solution's lines but the last (the one that reaches the answer), as
     SPEAR's reference hints with the first lines of a worked solution."""
-    return " ; ".join(problem.steps()[:-1])
+    return problem.steps()[:-1]
+
+
+def hint(problem: Problem) -> str:
+    """Partial feedback: the hinted steps, on one line."""
+    return " ; ".join(hinted_steps(problem))
 
 
 def hinted_working(problem: Problem) -> str:
     """The start of a correct completion that the hint reveals, as a completion writes it."""
-    return "".join(line + "\n" for line in problem.steps()[:-1])
+    return "".join(line + "\n" for line in hinted_steps(problem))
 
 
 def feedback(problem: Problem, completion: str) -> str:

@@ -10,7 +10,8 @@ unlikelihood on N tokens of each lose's working (from its slip, or its last ones
 the model gives the token more than `ul_threshold` probability, never on EOS or the answer line.
 Baselines by `train.objective`: `feedback_sft` (the same wins, no unlikelihood), `rejection_sft`
 (first-try wins only, no revisions), `grpo` (a group of samples per prompt, 0/1 reward, clipped policy
-gradient with a KL to the received model). A client with no win does not train; the server weighs replies by their wins.
+gradient with a KL to the received model). A client with no win does not train; the server weighs
+replies by their wins.
 """
 
 from __future__ import annotations
