@@ -14,9 +14,24 @@ from fedmm.core.config import load_config
 from fedmm.core.schema import ConfigError, RunConfig
 
 
+def hidden_gpu_note(run: RunConfig) -> str | None:
+    """What to tell a user whose GPU the simulated clients cannot see: Ray hides GPUs from actors that
+    ask for none, so `train.device=auto` trains on the CPU there."""
+    import torch
+
+    if run.clients.num_gpus > 0 or run.train.device == "cpu" or not torch.cuda.is_available():
+        return None
+    return ("a GPU is present, but clients.num_gpus=0 hides it from the simulated clients (Ray): they "
+            "train on the CPU; set clients.num_gpus (e.g. 0.25: four clients share it) to use it")
+
+
 def simulate(run: RunConfig, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApps on Flower's Simulation Engine (Ray backend)."""
     from flwr.simulation import run_simulation
+
+    note = hidden_gpu_note(run)
+    if note:
+        print(f"fedmm: {note}", file=sys.stderr)
 
     from fedmm.engine.ray_cluster import ray_init_args
     from fedmm.engine.simulation_engine import use_single_pass_poller

@@ -63,6 +63,20 @@ def test_bad_config_stops_before_any_work(tmp_path):
     assert not out.exists()
 
 
+def test_a_user_whose_gpu_the_simulated_clients_cannot_see_is_told(monkeypatch):
+    import torch
+
+    from fedmm.cli import hidden_gpu_note
+    from fedmm.core.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "clients.num_gpus" in hidden_gpu_note(load_config())
+    assert hidden_gpu_note(load_config(None, ["clients.num_gpus=0.25"])) is None
+    assert hidden_gpu_note(load_config(None, ["train.device=cpu"])) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hidden_gpu_note(load_config()) is None
+
+
 @pytest.mark.slow
 def test_an_attacked_simulation_with_trust_scoring_on_real_ray(tmp_path):
     out = tmp_path / "attacked"
