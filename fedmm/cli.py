@@ -29,12 +29,12 @@ def simulate(run: RunConfig, ray_address: str = "") -> None:
     """Run the ServerApp and ClientApps on Flower's Simulation Engine (Ray backend)."""
     from flwr.simulation import run_simulation
 
+    from fedmm.engine.ray_cluster import ray_init_args
+    from fedmm.engine.simulation_engine import use_single_pass_poller
+
     note = hidden_gpu_note(run)
     if note:
         print(f"fedmm: {note}", file=sys.stderr)
-
-    from fedmm.engine.ray_cluster import ray_init_args
-    from fedmm.engine.simulation_engine import use_single_pass_poller
 
     use_single_pass_poller()  # Flower's own poller costs nodes x messages per sweep
     # The apps are looked up by module name so the core package does not depend on them.

@@ -161,7 +161,7 @@ def test_bad_input_is_recorded_and_skipped_never_crashing_the_round(monkeypatch,
     monkeypatch.setattr(feedback, "mle_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     got = feedback.Collected(wins=[(P3.prompt, "A: 55")])
-    result = feedback.train_on_pairs(model, got, "spear", FeedbackConfig(), TrainConfig(local_steps=2, batch_size=2),
+    result = feedback.train_on_pairs(model, got, FeedbackConfig(), TrainConfig(local_steps=2, batch_size=2),
                                      1e-2, 0, torch.device("cpu"))
     assert (result.steps, result.nonfinite) == (0, 2)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)

@@ -221,8 +221,6 @@ class LocalResult:
     nonfinite: int  # steps skipped because the loss was NaN or Inf
 
 
-
-
 def _step(model: LanguageModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig) -> bool:
     """One optimizer step, or none when the loss is not finite (the model is left as it was)."""
     if not torch.isfinite(loss):
@@ -259,12 +257,13 @@ def _train_steps(model: LanguageModel, train: TrainConfig, lr: float,
     return LocalResult(done, {k: v / max(train.local_steps, 1) for k, v in sums.items()}, skipped)
 
 
-def train_on_pairs(model: LanguageModel, collected: Collected, objective: str, cfg: FeedbackConfig,
-                   train: TrainConfig, lr: float, seed: int, device: torch.device) -> LocalResult:
-    """`train.local_steps` steps on batches of wins (MLE) and, under spear, loses (unlikelihood)."""
+def train_on_pairs(model: LanguageModel, collected: Collected, cfg: FeedbackConfig, train: TrainConfig, lr: float,
+                   seed: int, device: torch.device) -> LocalResult:
+    """`train.local_steps` steps on batches of wins (MLE) and of the loses collected (unlikelihood; only
+    spear keeps any, see `feedback_round`)."""
     rng = np.random.default_rng(seed)
     wins = collected.wins
-    loses = collected.loses if objective == "spear" and cfg.lose_weight > 0 else []
+    loses = collected.loses if cfg.lose_weight > 0 else []
 
     def step_loss() -> tuple[torch.Tensor, dict[str, float]]:
         with autocast_for(device, train.precision):
@@ -337,7 +336,7 @@ def feedback_round(model: LanguageModel, problems: Sequence[Problem], objective:
         if objective != "spear":  # only spear learns from loses
             got.loses = []
         got.loses = capped_loses(got.loses, len(got.wins), cfg.lose_ratio, np.random.default_rng(seed))
-        result = (train_on_pairs(model, got, objective, cfg, train, lr, seed, device) if got.wins
+        result = (train_on_pairs(model, got, cfg, train, lr, seed, device) if got.wins
                   else LocalResult(0, {}, 0))
     got.counts["wins"], got.counts["loses"] = len(got.wins), len(got.loses)
     got.counts["nonfinite-steps"] = result.nonfinite
