@@ -128,3 +128,18 @@ def test_catches_hold_a_client_out_and_age_out_of_the_window():
     assert restored.times_caught(3) == 1 and restored.caught == rep.caught
     with pytest.raises(ValueError, match="caught"):
         Reputation.from_json({"caught": {"3": [1] * (Reputation.WINDOW + 1)}})
+
+
+def test_a_hold_for_catches_leaves_the_points_window_as_it_was():
+    """An honest client caught twice early, held out until the catches age out, then judged honest:
+    its rate reads the rounds it was judged in (the held ones are no evidence either way), so one
+    honest round already lifts it to 1/3, where a window of held zeros would read 1/10."""
+    rep = Reputation()
+    for _ in range(2):
+        rep.participate(5, earned=0, caught=True)
+    for _ in range(Reputation.WINDOW - 1):
+        rep.participate(5, earned=None)
+    assert rep.times_caught(5) == 1 and rep.recent[5] == [0, 0]
+    rep.participate(5, earned=1)
+    assert rep.rate(5) == pytest.approx(1 / 3) and rep.participations[5] == Reputation.WINDOW + 2
+    assert Reputation.from_json(rep.to_json()).rate(5) == pytest.approx(1 / 3)

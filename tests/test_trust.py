@@ -470,4 +470,6 @@ def test_clients_the_behaviour_check_catches_take_no_part_in_the_statistics():
     assert 0 not in decision.category and 1 not in decision.category and 0 not in decision.trust
     assert decision.components["fusion.shared"].client_ids == list(range(2, 10))
     assert rep.points.get(0, 0) == 0 and rep.points.get(1, 0) == 0 and rep.times_caught(0) == 1
+    # Client 1 was held, not judged: its catches' window moves on (so they age out), its points' does not.
+    assert rep.recent[1] == [0, 0] and rep.caught[1] == [1, 1, 0] and rep.recent[0] == [0]
     assert set(decision.aggregated) <= set(range(2, 10)) and len(decision.aggregated) >= 5

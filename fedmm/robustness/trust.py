@@ -461,22 +461,27 @@ class Reputation:
     stretch recovers within a window. (The reference gives +1 for passing inspection and +1 for being
     aggregated; a passing suspect then outranks a trusted client.)
 
-    The behaviour check's catches are kept apart (`caught`, over the same window): direct evidence of
-    a backdoor, so a few of them hold a client out at once, with no warm-up and whatever its points;
-    they age out of the window like points do."""
+    The behaviour check's catches are kept apart (`caught`, over the last WINDOW participations):
+    direct evidence of a backdoor, so a few of them hold a client out at once, with no warm-up and
+    whatever its points; they age out of the window like points do. A round in which the client is
+    held out for its catches is no judgement of it: it enters the catches' window (so they age out)
+    but not the points' (measured on the robustness grid: honest clients caught twice early came
+    back with an emptied points window and were held out for about six more rounds by their rate)."""
 
     points: dict[int, int] = field(default_factory=dict)
     participations: dict[int, int] = field(default_factory=dict)
-    recent: dict[int, list[int]] = field(default_factory=dict)  # points earned in each recent participation
+    recent: dict[int, list[int]] = field(default_factory=dict)  # points earned in each recent judged round
     caught: dict[int, list[int]] = field(default_factory=dict)  # 1 where the behaviour check caught it
 
     WINDOW = 10
 
-    def participate(self, client: int, earned: int, caught: bool = False) -> None:
-        """Record one round of `client`, in which it earned `earned` points (and was caught or not)."""
+    def participate(self, client: int, earned: int | None, caught: bool = False) -> None:
+        """Record one round of `client`, in which it earned `earned` points (None: it was not judged)
+        and was caught by the behaviour check or not."""
         self.participations[client] = self.participations.get(client, 0) + 1
-        self.points[client] = self.points.get(client, 0) + earned
-        self.recent[client] = [*self.recent.get(client, []), earned][-self.WINDOW :]
+        if earned is not None:
+            self.points[client] = self.points.get(client, 0) + earned
+            self.recent[client] = [*self.recent.get(client, []), earned][-self.WINDOW :]
         self.caught[client] = [*self.caught.get(client, []), int(caught)][-self.WINDOW :]
 
     def times_caught(self, client: int) -> int:
@@ -484,7 +489,7 @@ class Reputation:
         return sum(self.caught.get(client, []))
 
     def rate(self, client: int) -> float | None:
-        """Points per participation over the recent window; None for a client never seen."""
+        """Points per judged round over the recent window; None for a client never judged."""
         recent = self.recent.get(client)
         return sum(recent) / len(recent) if recent else None
 
@@ -730,8 +735,8 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     # an honest client recovers); never two, so passing inspection does not outrank being trusted.
     for c in clients:
         reputation.participate(c, earned=int(c in honest))
-    for c in held:
-        reputation.participate(c, earned=0, caught=c in behaviour)
+    for c in held:  # caught now: judged, and earns nothing; held for earlier catches: not judged
+        reputation.participate(c, earned=0 if c in behaviour else None, caught=c in behaviour)
     return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
 
 
