@@ -7,7 +7,10 @@ final global accuracy averaged over tasks; attack success is the backdoor succes
 test inputs whose true label is not the target, classified as the target) where the attack plants
 a backdoor. The `none` row poisons nothing but still measures the trigger: its success there is the
 base rate a defence cannot go below (a model's errors that happen to fall on the target class). A
-run whose folder holds a finished run of the same config and code version is read back.
+run whose folder holds a finished run of the same config and code version is read back: by default
+the folders of benchmarks/records/robustness, whose summaries and code stamps are kept in git, so a
+part of the grid run on one machine counts on another (`--recorded` writes the table of what is
+recorded for the code as it is now, running nothing).
 
 The full grid is 10 x 9 runs per seed at the default model (hours on 2 CPUs); `--attacks` and
 `--defenses` pick a part of it, and `--small` shrinks the model and the data for a quick pass.
@@ -18,6 +21,7 @@ The full grid is 10 x 9 runs per seed at the default model (hours on 2 CPUs); `-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.runs import simulate_cached  # noqa: E402
+from benchmarks.runs import CODE_VERSION_FILE, ROOT, recorded, simulate_cached  # noqa: E402
 from fedmm.robustness.attacks import ATTACKS  # noqa: E402
 from fedmm.core.config import DEFENSES  # noqa: E402
 
@@ -37,14 +41,19 @@ SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "train.local_ste
 TASKS = ("img_shape", "txt_color", "vqa")
 
 
-def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -> dict:
+def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str], run: bool = True) -> dict | None:
     # allow_degraded: a run whose defence froze a component is recorded and flagged in the table, not fatal.
     overrides = [*SETTING, f"defense.name={defense}", f"seed={seed}", "strategy.allow_degraded=true", *extra]
     if attack == "none":  # nobody poisons; the trigger is still measured: its base rate
         overrides += ["attack.name=backdoor", "attack.data=none", "attack.fraction=0.3"]
     else:
         overrides += [*USER_ATTACKS.get(attack, [f"attack.name={attack}"]), "attack.fraction=0.3"]
-    summary = simulate_cached(out / f"{attack}-{defense}-seed{seed}", overrides)
+    # Another setting (--small, extra overrides) gets folders of its own: it must not overwrite the grid's.
+    setting = "" if not extra else "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
+    folder = out / f"{attack}-{defense}-seed{seed}{setting}"
+    summary = simulate_cached(folder, overrides) if run else recorded(folder, overrides)
+    if summary is None:
+        return None
     result = {
         "attack": attack, "defense": defense, "seed": seed,
         "clean_accuracy": float(np.mean([summary[f"final.global.{t}.accuracy"] for t in TASKS])),
@@ -52,6 +61,7 @@ def run_one(attack: str, defense: str, seed: int, out: Path, extra: list[str]) -
         "detection_precision": summary.get("detection.precision"),
         "detection_recall": summary.get("detection.recall"),
         "problems": summary.get("problems", []),
+        "code_version": (folder / CODE_VERSION_FILE).read_text().strip(),
     }
     print(json.dumps(result), flush=True)
     return result
@@ -101,16 +111,20 @@ def main() -> None:
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="a smaller model and fewer rounds (a quick pass)")
-    parser.add_argument("--out", default="results/robustness")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "records" / "robustness"))
+    parser.add_argument("--recorded", action="store_true",
+                        help="run nothing: the table of the cells recorded in --out for the code as it is now")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [*(SMALL if args.small else []), *args.overrides]
-    results = [run_one(a, d, s, out, extra) for s in range(args.seeds) for a in args.attacks for d in args.defenses]
+    results = [r for s in range(args.seeds) for a in args.attacks for d in args.defenses
+               if (r := run_one(a, d, s, out, extra, run=not args.recorded)) is not None]
+    asked = args.seeds * len(args.attacks) * len(args.defenses)
     setting = " ".join([*SETTING, *extra, "attack.fraction=0.3"])
-    md = (f"Clean accuracy (mean over tasks) / attack success rate, mean over {args.seeds} seed(s); "
-          f"`{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
+    md = (f"Clean accuracy (mean over tasks) / attack success rate, mean ± std over seeds 0-{args.seeds - 1} "
+          f"({len(results)} of the {asked} runs recorded; – where none is); `{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
           f"baseline holds the attack lower; (frozen): in some seed the defence left a component unchanged for "
           f"the whole run or a round without enough usable replies, so its low attack success is no "
           f"evidence. The `none` row poisons nothing: its success is the "

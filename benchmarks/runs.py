@@ -12,37 +12,64 @@ from pathlib import Path
 from fedmm.core.config import load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-# What decides a run's result: the packages a run executes and the project file that pins its dependencies.
-CODE = ("fedmm", "strategies", "server_app", "client_apps", "pyproject.toml")
+# What decides a run's result: the packages a run executes, the user attack the benchmarks plug in, and
+# the project file that pins its dependencies.
+CODE = ("fedmm", "strategies", "server_app", "client_apps", "benchmarks/user_attack.py", "pyproject.toml")
+# Trust scoring's own files: a run with another defence imports them but runs none of their code (the
+# runner builds TrustScoring, the only caller of the rest, for defense.name=trust alone; tested), so
+# editing them leaves its result as it was and its cached run valid.
+TRUST_ONLY = ("fedmm/robustness/trust.py", "fedmm/robustness/behaviour.py", "strategies/trust_scoring.py")
 CODE_VERSION_FILE = "code-version.txt"
 
 
-def code_version(root: Path | None = None) -> str:
-    """sha256 over the path and bytes of every source file a run executes (and pyproject.toml): the same
-    in a clone, a worktree or a copy of one commit; different after any edit, committed or not."""
+def code_version(root: Path | None = None, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over the path and bytes of every source file a run executes (and pyproject.toml), less
+    `skip`: the same in a clone, a worktree or a copy of one commit; different after any edit,
+    committed or not."""
     root = root or ROOT
     digest = hashlib.sha256()
     for entry in CODE:
         path = root / entry
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
         for file in files:
-            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes() + b"\0")
+            name = file.relative_to(root).as_posix()
+            if name not in skip:
+                digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def simulate_cached(folder: Path, overrides: list[str]) -> dict:
-    """The summary of `fedmm simulate --out folder overrides`; a folder that already holds a finished
-    run with exactly this config, made by this code version, is read back instead of run again."""
+def run_code_version(config: dict) -> str:
+    """The code version a run of `config` depends on (see TRUST_ONLY)."""
+    return code_version(skip=() if config["defense"]["name"] == "trust" else TRUST_ONLY)
+
+
+def _without_out(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "out"}
+
+
+def recorded(folder: Path, overrides: list[str]) -> dict | None:
+    """The summary of a finished run in `folder` with exactly the config `overrides` give (wherever it
+    was written: `out` aside), made by the code version it depends on; None when there is none."""
     wanted = to_dict(load_config(overrides=[*overrides, f"out={folder}"]))
-    version = code_version()
     done, stamp = folder / "summary.json", folder / CODE_VERSION_FILE
-    reusable = (done.is_file() and stamp.is_file() and stamp.read_text().strip() == version
-                and json.loads(done.read_text())["config"] == wanted)
-    if not reusable:
-        stamp.unlink(missing_ok=True)  # a run cut short must not inherit the stamp of an earlier one
-        cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{folder.name} failed:\n{proc.stderr[-3000:]}")
-        stamp.write_text(version + "\n")
-    return json.loads(done.read_text())
+    if not (done.is_file() and stamp.is_file() and stamp.read_text().strip() == run_code_version(wanted)):
+        return None
+    summary = json.loads(done.read_text())
+    return summary if _without_out(summary["config"]) == _without_out(wanted) else None
+
+
+def simulate_cached(folder: Path, overrides: list[str]) -> dict:
+    """The summary of `fedmm simulate --out folder overrides`, read back from `folder` when it holds
+    the same run (`recorded`), run otherwise."""
+    summary = recorded(folder, overrides)
+    if summary is not None:
+        return summary
+    stamp = folder / CODE_VERSION_FILE
+    stamp.unlink(missing_ok=True)  # a run cut short must not inherit the stamp of an earlier one
+    version = run_code_version(to_dict(load_config(overrides=[*overrides, f"out={folder}"])))
+    cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{folder.name} failed:\n{proc.stderr[-3000:]}")
+    stamp.write_text(version + "\n")
+    return json.loads((folder / "summary.json").read_text())

@@ -5,19 +5,33 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks import runs
 from fedmm.core.config import load_config, to_dict
 
 
-def _fake_simulate(calls):
+def _fake_simulate(calls, metrics=None):
     def run(cmd, **kwargs):
         folder = Path(cmd[cmd.index("--out") + 1])
         folder.mkdir(parents=True, exist_ok=True)
         config = to_dict(load_config(overrides=[*cmd[cmd.index("--out") + 2:], f"out={folder}"]))
-        (folder / "summary.json").write_text(json.dumps({"config": config, "run": len(calls)}))
+        (folder / "summary.json").write_text(json.dumps({"config": config, "run": len(calls), **(metrics or {})}))
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, "", "")
     return run
+
+
+def _copy_of_the_code(root: Path) -> Path:
+    root.mkdir()
+    for entry in runs.CODE:
+        source = runs.ROOT / entry
+        (root / entry).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_file():
+            shutil.copy(source, root / entry)
+        else:
+            shutil.copytree(source, root / entry, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 def test_a_run_is_reused_for_the_same_config_and_code_and_redone_after_either_changes(tmp_path, monkeypatch):
@@ -28,20 +42,76 @@ def test_a_run_is_reused_for_the_same_config_and_code_and_redone_after_either_ch
     assert runs.simulate_cached(folder, ["rounds=2"])["run"] == 0 and len(calls) == 1  # reused
     assert runs.simulate_cached(folder, ["rounds=3"])["run"] == 1  # another config
     # The same config after the code changed: a copy of the project with one source file edited.
-    copy = tmp_path / "project"
-    copy.mkdir()
-    for entry in runs.CODE:
-        source = runs.ROOT / entry
-        if source.is_file():
-            shutil.copy(source, copy / entry)
-        else:
-            shutil.copytree(source, copy / entry, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = _copy_of_the_code(tmp_path / "project")
     assert runs.code_version(copy) == runs.code_version()  # a copy of the same code is the same version
     with open(copy / "strategies" / "per_component.py", "a") as f:
         f.write("\n# an edit\n")
     monkeypatch.setattr(runs, "ROOT", copy)
     assert runs.simulate_cached(folder, ["rounds=3"])["run"] == 2 and len(calls) == 3
     assert runs.simulate_cached(folder, ["rounds=3"])["run"] == 2  # and reused again under the new code
+
+
+def test_a_finished_run_is_read_back_from_another_folder_and_only_trust_runs_see_trust_edits(tmp_path, monkeypatch):
+    """A run is found wherever its record was moved (the robustness grid's records travel in git); an
+    edit to trust scoring's own files redoes the trust runs and leaves the other defences' runs valid,
+    an edit anywhere else redoes both."""
+    calls = []
+    monkeypatch.setattr(runs.subprocess, "run", _fake_simulate(calls))
+    for defense in ("trust", "median"):
+        runs.simulate_cached(tmp_path / "first" / defense, [f"defense.name={defense}"])
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    for defense in ("trust", "median"):
+        runs.simulate_cached(tmp_path / "moved" / defense, [f"defense.name={defense}"])
+    assert len(calls) == 2  # both read back from their new folder
+
+    copy = _copy_of_the_code(tmp_path / "project")
+    monkeypatch.setattr(runs, "ROOT", copy)
+    with open(copy / runs.TRUST_ONLY[0], "a") as f:
+        f.write("\n# an edit to trust scoring\n")
+    runs.simulate_cached(tmp_path / "moved" / "median", ["defense.name=median"])
+    assert len(calls) == 2  # still valid
+    runs.simulate_cached(tmp_path / "moved" / "trust", ["defense.name=trust"])
+    assert len(calls) == 3 and "defense.name=trust" in calls[-1]
+    with open(copy / "fedmm" / "core" / "aggregation.py", "a") as f:
+        f.write("\n# an edit to what every run executes\n")
+    runs.simulate_cached(tmp_path / "moved" / "median", ["defense.name=median"])
+    assert len(calls) == 4
+
+
+def test_only_trust_scoring_runs_the_trust_only_files(monkeypatch):
+    """What lets runs.TRUST_ONLY leave other defences' code version alone: every other defence builds
+    its strategy without TrustScoring or the behaviour check (their only way into those files)."""
+    from fedmm.core.config import DEFENSES
+    from fedmm.robustness import behaviour
+    from server_app import runner
+    from strategies.nodes import NodeRegistry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trust scoring's code ran")
+
+    monkeypatch.setattr(runner.TrustScoring, "__init__", refuse)
+    monkeypatch.setattr(behaviour.BehaviourCheck, "__init__", refuse)
+    for defense in DEFENSES:
+        run = load_config(overrides=[f"defense.name={defense}", "attack.name=backdoor", "attack.fraction=0.3"])
+        if defense == "trust":
+            with pytest.raises(AssertionError, match="trust scoring's code ran"):
+                runner.build_strategy(run, NodeRegistry(run))
+        else:
+            runner.build_strategy(run, NodeRegistry(run))
+
+
+def test_the_grid_reads_back_recorded_cells_and_keeps_another_setting_apart(tmp_path, monkeypatch):
+    from benchmarks import robustness
+
+    calls = []
+    metrics = {f"final.global.{t}.accuracy": 0.9 for t in robustness.TASKS}
+    monkeypatch.setattr(runs.subprocess, "run", _fake_simulate(calls, metrics))
+    assert robustness.run_one("backdoor", "median", 0, tmp_path, [], run=False) is None and not calls
+    ran = robustness.run_one("backdoor", "median", 0, tmp_path, [])
+    robustness.run_one("backdoor", "median", 0, tmp_path, robustness.SMALL)
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2  # the small pass did not overwrite the cell
+    assert robustness.run_one("backdoor", "median", 0, tmp_path, [], run=False) == ran
+    assert ran["clean_accuracy"] == 0.9 and len(ran["code_version"]) == 64
 
 
 def test_a_run_without_its_code_stamp_is_not_reused(tmp_path, monkeypatch):
