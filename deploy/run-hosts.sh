@@ -15,7 +15,9 @@
 #              recorded (keep SECONDS under the one-minute heartbeat window and the run goes on)
 # --restart-node NODE:ROUND   stop SuperNode NODE (SIGTERM) once round ROUND-1 is recorded and start
 #              it again at once, with the same key and partition (it takes its partition back)
-# Without strategy.reply_timeout in --run-config, a run with a fault waits 20 s for missing replies.
+# Without strategy.reply_timeout in --run-config, a run with a fault waits 45 s for missing replies:
+# a SuperNode plugged back in retries with Flower's backoff, up to 20 s between tries, and must still
+# train the next round in time (20 s lost that round under CPU contention).
 #
 # Needs root (network namespaces); refuses with exit status 3 otherwise. Logs go to DIR/deploy/logs,
 # fault events (JSON lines) to DIR/deploy/faults.jsonl. Exit status 0 only when the run finished as
@@ -116,7 +118,7 @@ inject() {
 
 config="out=\"$out\" rounds=$rounds clients.num=$nodes $extra"
 if [ -n "$link_down$superlink_down$restart_node" ] && [[ ! " $extra" =~ [[:space:]]strategy\.reply_timeout= ]]; then
-  config="$config strategy.reply_timeout=20"
+  config="$config strategy.reply_timeout=45"
 fi
 : > "$work/faults.jsonl"
 : > "$logs/flwr-run.log"
