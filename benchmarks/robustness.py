@@ -124,8 +124,8 @@ def main() -> None:
     asked = args.seeds * len(args.attacks) * len(args.defenses)
     setting = " ".join([*SETTING, *extra, "attack.fraction=0.3"])
     md = (f"Clean accuracy (mean over tasks) / attack success rate, mean ± std over seeds 0-{args.seeds - 1} "
-          f"({len(results)} of the {asked} runs recorded; – where none is); `{setting}`. (fails): trust scoring lets the attack succeed above 0.05; (loses): a "
-          f"baseline holds the attack lower; (frozen): in some seed the defence left a component unchanged for "
+          f"({len(results)} of the {asked} runs recorded; – where none is); `{setting}`. (fails): trust "
+          f"scoring lets the attack succeed above 0.05; (loses): a baseline holds the attack lower; (frozen): in some seed the defence left a component unchanged for "
           f"the whole run or a round without enough usable replies, so its low attack success is no "
           f"evidence. The `none` row poisons nothing: its success is the "
           f"trigger's base rate. `oracle` leaves out exactly the attackers: the best any defence "

@@ -47,26 +47,35 @@ def _without_out(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "out"}
 
 
-def recorded(folder: Path, overrides: list[str]) -> dict | None:
-    """The summary of a finished run in `folder` with exactly the config `overrides` give (wherever it
-    was written: `out` aside), made by the code version it depends on; None when there is none."""
-    wanted = to_dict(load_config(overrides=[*overrides, f"out={folder}"]))
+def _wanted(folder: Path, overrides: list[str]) -> dict:
+    return to_dict(load_config(overrides=[*overrides, f"out={folder}"]))
+
+
+def _read_back(folder: Path, wanted: dict, version: str) -> dict | None:
     done, stamp = folder / "summary.json", folder / CODE_VERSION_FILE
-    if not (done.is_file() and stamp.is_file() and stamp.read_text().strip() == run_code_version(wanted)):
+    if not (done.is_file() and stamp.is_file() and stamp.read_text().strip() == version):
         return None
     summary = json.loads(done.read_text())
     return summary if _without_out(summary["config"]) == _without_out(wanted) else None
 
 
+def recorded(folder: Path, overrides: list[str]) -> dict | None:
+    """The summary of a finished run in `folder` with exactly the config `overrides` give (wherever it
+    was written: `out` aside), made by the code version it depends on; None when there is none."""
+    wanted = _wanted(folder, overrides)
+    return _read_back(folder, wanted, run_code_version(wanted))
+
+
 def simulate_cached(folder: Path, overrides: list[str]) -> dict:
     """The summary of `fedmm simulate --out folder overrides`, read back from `folder` when it holds
     the same run (`recorded`), run otherwise."""
-    summary = recorded(folder, overrides)
+    wanted = _wanted(folder, overrides)
+    version = run_code_version(wanted)
+    summary = _read_back(folder, wanted, version)
     if summary is not None:
         return summary
     stamp = folder / CODE_VERSION_FILE
     stamp.unlink(missing_ok=True)  # a run cut short must not inherit the stamp of an earlier one
-    version = run_code_version(to_dict(load_config(overrides=[*overrides, f"out={folder}"])))
     cmd = [sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(folder), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

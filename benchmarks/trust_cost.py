@@ -199,9 +199,9 @@ def main() -> None:
         decision = trust()
         timings.append((time.perf_counter() - start, dict(parts)))
     t_trust, best_parts = min(timings, key=lambda x: x[0])
-    accepted, _ = validate_replies(replies, holders, shapes)
-    t_read, _ = best_of(lambda: one_read([u.arrays for u in accepted], sent), args.repeats)
-    t_lora = lora_seconds([u.arrays for u in accepted], sent, layouts, args.repeats)
+    arrays = [u.arrays for u in validate_replies(replies, holders, shapes)[0]]
+    t_read, _ = best_of(lambda: one_read(arrays, sent), args.repeats)
+    t_lora = lora_seconds(arrays, sent, layouts, args.repeats)
     malicious = set(range(int(ATTACKER_SHARE * n)))
     flagged = set(decision.dropped)
     stacked_bytes = n * sum(lay.size for lay in layouts.values()) * 4
