@@ -9,8 +9,9 @@
 #
 # --tls, --auth, --run-config, --timeout S   as deploy/run-local.sh; the SuperLink's certificate names
 #              its host address (and 127.0.0.1, where its own SuperExec reaches it), not localhost
-# --link-down NODE:ROUND      unplug SuperNode NODE's cable once round ROUND-1 is recorded, plug it back
-#              once round ROUND's training replies are in (the node is counted missing in round ROUND)
+# --link-down NODE:ROUND      unplug SuperNode NODE's cable once it has answered round ROUND-1's
+#              evaluation, plug it back once round ROUND's training replies are in (the node is
+#              counted missing in round ROUND)
 # --superlink-down ROUND:SECONDS  unplug the SuperLink host's cable for SECONDS once round ROUND-1 is
 #              recorded (keep SECONDS under the one-minute heartbeat window and the run goes on)
 # --restart-node NODE:ROUND   stop SuperNode NODE (SIGTERM) once round ROUND-1 is recorded and start
@@ -90,11 +91,20 @@ rounds = [json.loads(l).get("round", -1) for l in open(sys.argv[1]) if l.strip()
 print(max(rounds, default=-1))' "$out/metrics.jsonl" 2>/dev/null || echo -1
 }
 cable() { python "$ROOT/deploy/hosts.py" cable --tag "$tag" "$1" "$2" >> "$logs/hosts.log" 2>&1 && event "cable-$2" "$1" "$3"; }
+evaluations_sent() {  # evaluation replies a SuperNode has pushed, read from its log
+  awk '/Sending: evaluate message/ { pending = 1 } /Sending: (train|query) message/ { pending = 0 }
+       /Sent successfully/ && pending { sent++; pending = 0 } END { print sent + 0 }' "$logs/supernode-$1.log"
+}
 wait_round() { while [ "$(recorded)" -lt "$1" ]; do sleep 0.2; done; }
 inject() {
   if [ -n "$link_down" ]; then
     local node=${link_down%%:*} round=${link_down##*:}
-    wait_round $((round - 1)); cable "node$node" down "$round"
+    # Unplug the node as soon as it has sent its reply to round ROUND-1's evaluation (round 0 is the
+    # initial one): it then has nothing owed for that round and waits 3 s before asking for more, so
+    # round ROUND's training cannot slip out first, as it could while we waited for the round's record.
+    # A node left out of some evaluation never reaches the count: then the record decides.
+    until [ "$(evaluations_sent "$node")" -ge "$round" ] || [ "$(recorded)" -ge $((round - 1)) ]; do sleep 0.2; done
+    cable "node$node" down "$round"
     until grep -qE "round $round: [0-9]+ of [0-9]+ training replies arrived" "$logs/flwr-run.log" \
       || [ "$(recorded)" -ge "$round" ]; do sleep 0.2; done
     cable "node$node" up "$round"
