@@ -57,6 +57,7 @@ def cohort():
     return behaviour.BehaviourCheck(model, root, examples=32), start, models
 
 
+@pytest.mark.slow
 def test_a_planted_backdoor_is_caught_and_label_skewed_honest_models_are_not(cohort):
     check, start, models = cohort
     strength = check.strengths(start, models)

@@ -148,6 +148,7 @@ def test_fedprox_sends_its_proximal_term_and_the_clients_train_with_it(tmp_path)
     assert moved(prox) < moved(fedavg)  # the same clients and data, held nearer to the global model
 
 
+@pytest.mark.slow
 def test_qfedavg_weighs_components_by_the_holders_training_loss(tmp_path):
     _, summary = run_in(tmp_path, "q", f"strategy.name={FLWR}QFedAvg", "strategy.args.client_learning_rate=0.006",
                         "strategy.args.q=0.5")

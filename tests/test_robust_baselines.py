@@ -86,6 +86,7 @@ def test_every_baseline_moves_every_component_of_a_heterogeneous_federation(tmp_
     assert record["train.clients-accepted"] == 5
 
 
+@pytest.mark.slow
 def test_bulyan_declines_a_component_it_cannot_aggregate_and_the_run_says_so(tmp_path):
     # Bulyan needs at least 3 holders (n >= 4f + 3); the vqa head has one, the multimodal client 2.
     run = load_config(overrides=[*FAST, "defense.name=bulyan", f"out={tmp_path}"])

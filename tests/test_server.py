@@ -387,8 +387,8 @@ class KilledGrid(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [[], ["defense.name=trust", "attack.name=neurotoxin", "attack.fraction=0.34",
-                                   "defense.behaviour_examples=8"]])  # the check runs and resumes; 8 keep it quick
+@pytest.mark.parametrize("extra", [[], pytest.param(["defense.name=trust", "attack.name=neurotoxin", "attack.fraction=0.34",
+                                   "defense.behaviour_examples=8"], marks=pytest.mark.slow)])  # the check runs and resumes
 def test_a_killed_server_resumes_to_the_same_final_model(tmp_path, extra):
     whole = fast_run(tmp_path / "whole", "rounds=4", *extra)
     run_federation(LocalGrid(make_client_app(whole), 3), whole)

@@ -38,6 +38,7 @@ def _scale(factor):
     return tamper
 
 
+@pytest.mark.slow
 def test_every_client_round_is_reported_and_a_blown_up_update_is_left_out(tmp_path):
     run = fast_run(tmp_path, "defense.behaviour=true", "defense.behaviour_examples=8")
     grid = LocalGrid(make_client_app(run), 6, tamper={4: _scale(1e4)})
@@ -175,6 +176,7 @@ def test_clip_to_median_scales_the_kept_updates_above_the_median_norm():
         np.testing.assert_allclose(received[i], deltas[i])  # at or below the median, or dropped: untouched
 
 
+@pytest.mark.slow
 def test_a_large_cohort_is_sampled_by_the_behaviour_check_and_kept_updates_clipped(tmp_path):
     run = fast_run(tmp_path, "defense.behaviour=true", "defense.behaviour_examples=8",
                    "defense.behaviour_max_clients=5", "defense.clip_to_median=true")
