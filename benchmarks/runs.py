@@ -14,6 +14,8 @@ from fedmm.core.config import load_config, to_dict
 ROOT = Path(__file__).resolve().parents[1]
 # What decides a run's result: the packages a run executes, the user attack the benchmarks plug in, and
 # the project file that pins its dependencies.
+# pyproject.toml counts whole (its dependency pins change results): edit its tool sections (pytest markers)
+# only together with a change that reruns the grid anyway.
 CODE = ("fedmm", "strategies", "server_app", "client_apps", "benchmarks/user_attack.py", "pyproject.toml")
 # Trust scoring's own files: a run with another defence imports them but runs none of their code (the
 # runner builds TrustScoring, the only caller of the rest, for defense.name=trust alone; tested), so
