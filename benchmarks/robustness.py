@@ -116,6 +116,8 @@ def main() -> None:
                         help="run nothing: the table of the cells recorded in --out for the code as it is now")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1 (seeds 0 to K-1 run), not {args.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [*(SMALL if args.small else []), *args.overrides]

@@ -157,3 +157,12 @@ def test_the_user_mimicry_attack_keeps_the_backdoor_direction_in_benign_statisti
         assert (np.sign(row) == np.sign(original)).all()  # the direction is the attacker's
         assert np.corrcoef(np.abs(row), np.abs(original))[0, 1] > 0.9  # rank by magnitude kept
     assert attack.model(poisoned, AttackContext(AttackConfig(), rng, None, 10)) is poisoned  # nothing seen yet
+
+
+def test_the_robustness_grid_refuses_fewer_than_one_seed_before_writing_anything(tmp_path):
+    import sys
+
+    proc = subprocess.run([sys.executable, str(runs.ROOT / "benchmarks" / "robustness.py"), "--seeds", "0",
+                           "--recorded", "--out", str(tmp_path / "grid")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--seeds must be at least 1" in proc.stderr
+    assert not (tmp_path / "grid").exists()
