@@ -10,8 +10,10 @@
 # --tls, --auth, --run-config, --timeout S   as deploy/run-local.sh; the SuperLink's certificate names
 #              its host address (and 127.0.0.1, where its own SuperExec reaches it), not localhost
 # --link-down NODE:ROUND      unplug SuperNode NODE's cable once it has answered round ROUND-1's
-#              evaluation, plug it back once round ROUND's training replies are in (the node is
-#              counted missing in round ROUND)
+#              evaluation, plug it back once round ROUND's training is decided without it: counted
+#              missing after the reply timeout, or, where the SuperLink missed its heartbeats first
+#              (about 40-60 s after the last), rejected as node-unavailable and left out of the next
+#              round's sample while it reconnects
 # --superlink-down ROUND:SECONDS  unplug the SuperLink host's cable for SECONDS once round ROUND-1 is
 #              recorded (keep SECONDS under the one-minute heartbeat window and the run goes on)
 # --restart-node NODE:ROUND   stop SuperNode NODE (SIGTERM) once round ROUND-1 is recorded and start
@@ -105,7 +107,9 @@ inject() {
     # A node left out of some evaluation never reaches the count: then the record decides.
     until [ "$(evaluations_sent "$node")" -ge "$round" ] || [ "$(recorded)" -ge $((round - 1)) ]; do sleep 0.2; done
     cable "node$node" down "$round"
-    until grep -qE "round $round: [0-9]+ of [0-9]+ training replies arrived" "$logs/flwr-run.log" \
+    # Back in once the round's training is decided without it: its reply timed out, or the SuperLink
+    # answered for it (unplugged past its heartbeat window, about 40-60 s, it is taken for offline).
+    until grep -qE "round $round: ([0-9]+ of [0-9]+ training replies arrived|dropped reply of node)" "$logs/flwr-run.log" \
       || [ "$(recorded)" -ge "$round" ]; do sleep 0.2; done
     cable "node$node" up "$round"
   fi
