@@ -388,7 +388,7 @@ class KilledGrid(LocalGrid):
 
 
 @pytest.mark.parametrize("extra", [[], pytest.param(["defense.name=trust", "attack.name=neurotoxin", "attack.fraction=0.34",
-                                   "defense.behaviour_examples=8"], marks=pytest.mark.slow)])  # the check runs and resumes
+                                   "defense.behaviour_examples=8"], marks=pytest.mark.slow)])  # the check runs and resumes; 8 keep it quicker
 def test_a_killed_server_resumes_to_the_same_final_model(tmp_path, extra):
     whole = fast_run(tmp_path / "whole", "rounds=4", *extra)
     run_federation(LocalGrid(make_client_app(whole), 3), whole)
