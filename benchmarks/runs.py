@@ -7,16 +7,20 @@ import hashlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from fedmm.core.config import load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # What decides a run's result: the packages a run executes, the user attack the benchmarks plug in, and
-# the project file that pins its dependencies.
-# pyproject.toml counts whole (its dependency pins change results): edit its tool sections (pytest markers)
-# only together with a change that reruns the grid anyway.
-CODE = ("fedmm", "strategies", "server_app", "client_apps", "benchmarks/user_attack.py", "pyproject.toml")
+# the project file's dependency pins and Flower app tables.
+CODE = ("fedmm", "strategies", "server_app", "client_apps", "benchmarks/user_attack.py")
+PROJECT_FILE = "pyproject.toml"
+# Tables of the project file no run reads: editing the test extra or pytest's settings reruns nothing.
+PROJECT_NOT_RUN = (("project", "optional-dependencies", "test"), ("tool", "pytest"))
+# The model worker serves deployed nodes; `fedmm simulate`, the only thing cached here, never imports it.
+DEPLOY_ONLY = ("client_apps/worker.py",)
 # Trust scoring's own files: a run with another defence imports them but runs none of their code (the
 # runner builds TrustScoring, the only caller of the rest, for defense.name=trust alone; tested), so
 # editing them leaves its result as it was and its cached run valid.
@@ -24,10 +28,21 @@ TRUST_ONLY = ("fedmm/robustness/trust.py", "fedmm/robustness/behaviour.py", "str
 CODE_VERSION_FILE = "code-version.txt"
 
 
+def _project_tables(path: Path) -> bytes:
+    """The project file as a run depends on it: parsed, less PROJECT_NOT_RUN, in one canonical form."""
+    project = tomllib.loads(path.read_text())
+    for *parents, leaf in PROJECT_NOT_RUN:
+        table = project
+        for key in parents:
+            table = table.get(key, {})
+        table.pop(leaf, None)
+    return json.dumps(project, sort_keys=True).encode()
+
+
 def code_version(root: Path | None = None, skip: tuple[str, ...] = ()) -> str:
-    """sha256 over the path and bytes of every source file a run executes (and pyproject.toml), less
-    `skip`: the same in a clone, a worktree or a copy of one commit; different after any edit,
-    committed or not."""
+    """sha256 over the path and bytes of every source file a run executes and the project file's run
+    tables (see PROJECT_NOT_RUN), less DEPLOY_ONLY and `skip`: the same in a clone, a worktree or a copy
+    of one commit; different after any edit that can change a run, committed or not."""
     root = root or ROOT
     digest = hashlib.sha256()
     for entry in CODE:
@@ -35,8 +50,9 @@ def code_version(root: Path | None = None, skip: tuple[str, ...] = ()) -> str:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
         for file in files:
             name = file.relative_to(root).as_posix()
-            if name not in skip:
+            if name not in skip and name not in DEPLOY_ONLY:
                 digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    digest.update(PROJECT_FILE.encode() + b"\0" + _project_tables(root / PROJECT_FILE) + b"\0")
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ process, whose caches (module bank, encoded splits) then live across messages an
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -80,6 +81,10 @@ def serve(path: str, exit_with_parent: bool = False) -> None:
     if exit_with_parent:
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     log(INFO, "model worker listening on %s (pid %d)", path, os.getpid())
+    # Import torch and the training code while the SuperNode connects and the run starts: the first
+    # message would otherwise wait for it (10-30 s on a busy machine). Python's import lock makes an
+    # early message wait for this import rather than start a second one.
+    threading.Thread(target=importlib.import_module, args=("fedmm.training.client",), daemon=True).start()
     served = 0
     with listener:
         while True:

@@ -1,5 +1,6 @@
 """Benchmark runs are reused only for the same config and the same code."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ def _fake_simulate(calls, metrics=None):
 
 def _copy_of_the_code(root: Path) -> Path:
     root.mkdir()
-    for entry in runs.CODE:
+    for entry in (*runs.CODE, runs.PROJECT_FILE):
         source = runs.ROOT / entry
         (root / entry).parent.mkdir(parents=True, exist_ok=True)
         if source.is_file():
@@ -49,6 +50,21 @@ def test_a_run_is_reused_for_the_same_config_and_code_and_redone_after_either_ch
     monkeypatch.setattr(runs, "ROOT", copy)
     assert runs.simulate_cached(folder, ["rounds=3"])["run"] == 2 and len(calls) == 3
     assert runs.simulate_cached(folder, ["rounds=3"])["run"] == 2  # and reused again under the new code
+
+
+def test_the_code_version_sees_dependency_pins_and_not_test_settings_or_the_model_worker(tmp_path):
+    copy = _copy_of_the_code(tmp_path / "project")
+    before = runs.code_version(copy)
+    project = copy / runs.PROJECT_FILE
+    text = project.read_text()
+    assert 'markers = [' in text and 'test = [' in text
+    project.write_text(text.replace('markers = [', 'markers = ["grid: a new marker", ').replace(
+        'test = [', 'test = ["pytest-timeout>=2", ') + "\n# a comment\n")
+    with open(copy / runs.DEPLOY_ONLY[0], "a") as f:
+        f.write("\n# an edit to the model worker\n")
+    assert runs.code_version(copy) == before  # nothing a simulated run reads
+    project.write_text(project.read_text().replace('"numpy>=1.26"', '"numpy>=2.0"'))
+    assert runs.code_version(copy) != before  # a dependency pin can change a result
 
 
 def test_a_finished_run_is_read_back_from_another_folder_and_only_trust_runs_see_trust_edits(tmp_path, monkeypatch):
@@ -98,6 +114,26 @@ def test_only_trust_scoring_runs_the_trust_only_files(monkeypatch):
                 runner.build_strategy(run, NodeRegistry(run))
         else:
             runner.build_strategy(run, NodeRegistry(run))
+
+
+def test_only_the_worker_command_imports_the_deploy_only_files():
+    """What lets runs.DEPLOY_ONLY leave the code version alone: no module a run executes imports the
+    model worker; `fedmm worker` alone does, inside its own branch of the command line."""
+    importers = set()
+    for entry in runs.CODE:
+        path = runs.ROOT / entry
+        for file in [path] if path.is_file() else path.rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else
+                         [a.value for a in node.args if isinstance(a, ast.Constant)]
+                         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" else [])
+                if any(name.replace(".", "/") + ".py" in runs.DEPLOY_ONLY for name in names):
+                    importers.add(file.relative_to(runs.ROOT).as_posix())
+    assert importers == {"fedmm/cli.py"}
+    cli = (runs.ROOT / "fedmm" / "cli.py").read_text()
+    branch = cli[cli.index('if args.command == "worker":'):]
+    assert branch.index('import_module("client_apps.worker")') < branch.index("\n    if ")
 
 
 def test_the_grid_reads_back_recorded_cells_and_keeps_another_setting_apart(tmp_path, monkeypatch):

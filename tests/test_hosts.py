@@ -141,7 +141,7 @@ def _run_hosts(out: Path, *args: str, timeout: int = 1200) -> subprocess.Complet
 @pytest.mark.slow
 def test_a_supernode_cut_off_for_a_round_is_counted_missing_then_back_over_tls_and_auth(tmp_path):
     out = tmp_path / "run"
-    proc = _run_hosts(out, "--tls", "--auth", "--supernodes", "3", "--rounds", "5", "--link-down", "1:2",
+    proc = _run_hosts(out, "--tls", "--auth", "--supernodes", "3", "--rounds", "3", "--link-down", "1:1",
                       "--run-config", SMALL)
     assert proc.returncode == 0, proc.stderr[-4000:]
     addresses = dict(line.split() for line in (out / "deploy" / "hosts.txt").read_text().splitlines())
@@ -153,23 +153,23 @@ def test_a_supernode_cut_off_for_a_round_is_counted_missing_then_back_over_tls_a
     logs = out / "deploy" / "logs"
     assert len(re.findall(r"SuperNode \d+ registered successfully", (logs / "register.log").read_text())) == 3
     events = [json.loads(line) for line in (out / "deploy" / "faults.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["host"], e["round"]) for e in events] == [("cable-down", "node1", 2), ("cable-up", "node1", 2)]
-    first, second, third, fourth, fifth = _rounds(out)[1:6]
-    assert first["train.clients-accepted"] == 3
-    assert second["train.clients-sampled"] == 3 and second["train.clients-accepted"] == 2
+    assert [(e["event"], e["host"], e["round"]) for e in events] == [("cable-down", "node1", 1), ("cable-up", "node1", 1)]
+    first, second, third = _rounds(out)[1:4]
+    # Unplugged once it has answered the initial evaluation, node 1 misses round 1: its reply times out,
+    # or, when the cut outlasts its heartbeat window (Flower: 60 s after the last heartbeat, sent every
+    # 17-23 s), the SuperLink answers for it. Which one depends on the heartbeat's phase, and so does
+    # round 2: the node reconnects with backoff (up to 20 s plus a try hung on the dead cable) and may
+    # still be listed offline or lapse there. By round 3 it is back.
+    assert first["train.clients-sampled"] == 3 and first["train.clients-accepted"] == 2
     log = (logs / "flwr-run.log").read_text()
-    # Its reply times out, or, when the cut outlasts its heartbeat window (Flower: 60 s after the last
-    # heartbeat, sent every 17-23 s), the SuperLink answers for it. Which one depends on the heartbeat's
-    # phase, and so does round 3: the node reconnects with backoff (up to 20 s plus a hung attempt) and
-    # may still be listed offline or lapse there for a round. By the last round it is back.
-    if second["train.clients-missing"] == 1:
-        assert "round 2: 2 of 3 training replies arrived; missing partitions [1]" in log
+    if first["train.clients-missing"] == 1:
+        assert "round 1: 2 of 3 training replies arrived; missing partitions [1]" in log
     else:
-        assert second["train.clients-rejected"] == 1 and "round 2: dropped reply of node" in log
+        assert first["train.clients-rejected"] == 1 and "round 1: dropped reply of node" in log
         assert "node-unavailable" in log
-    assert third["train.clients-accepted"] >= 2 and fourth["train.clients-accepted"] >= 2
+    assert second["train.clients-accepted"] >= 2
     assert "Connection successful after" in (logs / "supernode-1.log").read_text()
-    assert fifth["train.clients-sampled"] == fifth["train.clients-accepted"] == 3  # node 1 is back
+    assert third["train.clients-sampled"] == third["train.clients-accepted"] == 3  # node 1 is back
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     _nothing_left(out)
 
