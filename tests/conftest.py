@@ -1,9 +1,14 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: torch in each (and in every process a test starts) takes one thread,
+    # or both slow down several times.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from fedmm.core.config import load_config
 from fedmm.core.schema import RunConfig
@@ -34,3 +39,36 @@ def loopback_run(tmp_path_factory):
     proc = subprocess.run([str(Path(__file__).parents[1] / "deploy" / "run-local.sh"), *LOOPBACK_ARGS, "--out",
                            str(out)], capture_output=True, text=True, timeout=1200)
     return out, proc
+
+
+def _ours(fixture) -> bool:
+    """A fixture defined in this folder (not pytest's own, such as tmp_path_factory)."""
+    return Path(fixture.__code__.co_filename).parent == Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command): tests sharing a module- or
+    session-scoped fixture form one group, run on one worker that builds the fixture once; every slow
+    test is a group of its own; groups holding slow tests are handed out first, so the long end-to-end
+    runs (mostly waiting on Flower's timeouts) overlap the unit tests instead of ending the run alone."""
+    # A worker sees dist "no" and loadgroup set (xdist's own setup); the controller collects nothing.
+    if not config.getoption("loadgroup", False):
+        return
+    group_of = {}
+    for item in items:
+        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values() if _ours(defs[-1].func)}
+        group = ("session" if "session" in scopes else item.path.name if "module" in scopes
+                 else item.nodeid if item.get_closest_marker("slow") else None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        group_of[item.nodeid] = group or item.nodeid
+    slow = {group_of[item.nodeid] for item in items if item.get_closest_marker("slow")}
+    first: dict[str, int] = {}
+
+    def order(pair):
+        index, item = pair
+        group = group_of[item.nodeid]
+        return group not in slow, first.setdefault(group, index), index
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=order)]
