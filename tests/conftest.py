@@ -9,6 +9,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: torch in each (and in every process a test starts) takes one thread,
     # or both slow down several times.
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Each worker's Ray sessions and its "current cluster" file apart: the tests that plant a dead head
+    # there must not see the other worker's live one, nor clobber it.
+    os.environ["RAY_TMPDIR"] = os.path.join("/tmp", f"fedmm-ray-{os.environ['PYTEST_XDIST_WORKER']}")
 
 from fedmm.core.config import load_config
 from fedmm.core.schema import RunConfig
@@ -48,8 +51,8 @@ def _ours(fixture) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command): tests sharing a module- or
-    session-scoped fixture form one group, run on one worker that builds the fixture once; every slow
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command): tests using the same module- or
+    session-scoped fixtures form one group, run on one worker that builds them once; every slow
     test is a group of its own; groups holding slow tests are handed out first, so the long end-to-end
     runs (mostly waiting on Flower's timeouts) overlap the unit tests instead of ending the run alone."""
     # A worker sees dist "no" and loadgroup set (xdist's own setup); the controller collects nothing.
@@ -57,9 +60,12 @@ def pytest_collection_modifyitems(config, items):
         return
     group_of = {}
     for item in items:
-        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values() if _ours(defs[-1].func)}
-        group = ("session" if "session" in scopes else item.path.name if "module" in scopes
-                 else item.nodeid if item.get_closest_marker("slow") else None)
+        shared = {name: defs[-1].scope for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                  if defs[-1].scope in ("module", "session") and _ours(defs[-1].func)}
+        # One group per set of shared fixtures: a cheap fixture (a SuperLink) may be built on both
+        # workers so that two long runs behind it need not wait for each other.
+        group = ("session" if "session" in shared.values() else f"{item.path.name}:{','.join(sorted(shared))}"
+                 if shared else item.nodeid if item.get_closest_marker("slow") else None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
         group_of[item.nodeid] = group or item.nodeid
