@@ -28,6 +28,16 @@ TRUST_ONLY = ("fedmm/robustness/trust.py", "fedmm/robustness/behaviour.py", "str
 CODE_VERSION_FILE = "code-version.txt"
 
 
+def source_files(root: Path) -> list[tuple[str, Path]]:
+    """(path relative to `root`, file) of every source file under CODE, in a fixed order."""
+    files = []
+    for entry in CODE:
+        path = root / entry
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+        files += [(file.relative_to(root).as_posix(), file) for file in found]
+    return files
+
+
 def _project_tables(path: Path) -> bytes:
     """The project file as a run depends on it: parsed, less PROJECT_NOT_RUN, in one canonical form."""
     project = tomllib.loads(path.read_text())
@@ -45,13 +55,9 @@ def code_version(root: Path | None = None, skip: tuple[str, ...] = ()) -> str:
     of one commit; different after any edit that can change a run, committed or not."""
     root = root or ROOT
     digest = hashlib.sha256()
-    for entry in CODE:
-        path = root / entry
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
-        for file in files:
-            name = file.relative_to(root).as_posix()
-            if name not in skip and name not in DEPLOY_ONLY:
-                digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for name, file in source_files(root):
+        if name not in skip and name not in DEPLOY_ONLY:
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
     digest.update(PROJECT_FILE.encode() + b"\0" + _project_tables(root / PROJECT_FILE) + b"\0")
     return digest.hexdigest()
 

@@ -120,16 +120,14 @@ def test_only_the_worker_command_imports_the_deploy_only_files():
     """What lets runs.DEPLOY_ONLY leave the code version alone: no module a run executes imports the
     model worker; `fedmm worker` alone does, inside its own branch of the command line."""
     importers = set()
-    for entry in runs.CODE:
-        path = runs.ROOT / entry
-        for file in [path] if path.is_file() else path.rglob("*.py"):
-            for node in ast.walk(ast.parse(file.read_text())):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ""] if isinstance(node, ast.ImportFrom) else
-                         [a.value for a in node.args if isinstance(a, ast.Constant)]
-                         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" else [])
-                if any(name.replace(".", "/") + ".py" in runs.DEPLOY_ONLY for name in names):
-                    importers.add(file.relative_to(runs.ROOT).as_posix())
+    for relative, file in runs.source_files(runs.ROOT):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.value for a in node.args if isinstance(a, ast.Constant)]
+                     if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" else [])
+            if any(name.replace(".", "/") + ".py" in runs.DEPLOY_ONLY for name in names):
+                importers.add(relative)
     assert importers == {"fedmm/cli.py"}
     cli = (runs.ROOT / "fedmm" / "cli.py").read_text()
     branch = cli[cli.index('if args.command == "worker":'):]
