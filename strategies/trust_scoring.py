@@ -29,47 +29,35 @@ from fedmm.core.schema import DefenseConfig
 from fedmm.core.protocol import ClientUpdate, ReplyLimits
 from fedmm.robustness.behaviour import BehaviourCheck, behaviour_outliers
 from fedmm.robustness.trust import (SCREEN_REASONS, ComponentUpdates, Reputation, RoundDecision, behaviour_sample,
-                                    clip_factors, decide_round, row_norms)
+                                    clip_factors, decide_round)
 from strategies.component_fedavg import log_rejections, round_metrics, routing_metrics, validate_replies
 from strategies.nodes import NodeRegistry
 
 
-def stack_deltas(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray],
-                 buffers: dict[str, np.ndarray] | None = None) -> dict[str, ComponentUpdates]:
-    """Per component, its holders' updates (trained - sent) stacked in client order: one copy.
-    With `buffers`, each component's stack is written into the buffer kept from an earlier round
-    (grown when it has more holders): fresh pages of a GB-sized stack cost more than the copy."""
+def reply_updates(updates: Mapping[int, ClientUpdate], sent: Mapping[str, np.ndarray]) -> dict[str, ComponentUpdates]:
+    """Per component, its holders' trained vectors as received (client order) and the sent vector:
+    the defence reads the updates (trained - sent) from the reply buffers, with no stacked copy."""
     out = {}
     for component in sorted({c for u in updates.values() for c in u.arrays}):
         holders = sorted(p for p, u in updates.items() if component in u.arrays)
-        shape = (len(holders), sent[component].size)
-        if buffers is None:
-            deltas = np.empty(shape, dtype=np.float32)
-        else:
-            kept = buffers.get(component)
-            if kept is None or kept.shape[0] < shape[0] or kept.shape[1] != shape[1]:
-                kept = buffers[component] = np.empty(shape, dtype=np.float32)
-            deltas = kept[: shape[0]]
-        for row, p in zip(deltas, holders):
-            np.subtract(updates[p].arrays[component], sent[component], out=row)
-        out[component] = ComponentUpdates(holders, deltas)
+        out[component] = ComponentUpdates(holders, [updates[p].arrays[component] for p in holders], sent[component])
     return out
 
 
-def clip_to_median(kept: list[Message], stacked: Mapping[str, ComponentUpdates], aggregated: list[int],
+def clip_to_median(kept: list[Message], components: Mapping[str, ComponentUpdates], decision: RoundDecision,
                    node_of: Mapping[int, int], sent: Mapping[str, np.ndarray]) -> int:
     """Scale each kept update above the median norm of the kept updates (per component) down to it,
     in the replies the inner strategy reads (`node_of`: partition id -> node id); returns how many
     (client, component) updates were scaled."""
     reply_of = {r.metadata.src_node_id: r for r in kept}
-    keep, count = set(aggregated), 0
-    for component, u in stacked.items():
+    keep, count = set(decision.aggregated), 0
+    for component, u in components.items():
         rows = [i for i, p in enumerate(u.client_ids) if p in keep]
         if not rows:
             continue
-        for i, factor in zip(rows, clip_factors(row_norms(u.deltas)[rows]).tolist()):
+        for i, factor in zip(rows, clip_factors(decision.norms[component][rows]).tolist()):
             if factor < 1.0:
-                vector = sent[component] + np.float32(factor) * u.deltas[i]
+                vector = sent[component] + np.float32(factor) * u.delta(i)
                 record = reply_of[node_of[u.client_ids[i]]].content[protocol.ARRAYS]
                 record[component] = protocol.encode_arrays({component: vector})[component]
                 count += 1
@@ -95,8 +83,6 @@ class TrustScoring(Strategy):
         self._sent: dict[int, tuple[str, ...]] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._behaviour: BehaviourCheck | None = None
-        # Reused round to round (see stack_deltas): the largest round's (N, P) stack stays allocated.
-        self._stack_buffers: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         d = self.defense
@@ -132,8 +118,8 @@ class TrustScoring(Strategy):
             behaviour_seconds = time.perf_counter() - started
             return behaviour_outliers(strength, d.behaviour_margin)
 
-        stacked = stack_deltas(updates, self._vectors, self._stack_buffers)
-        decision = decide_round(stacked, self._vectors, self.layouts,
+        components = reply_updates(updates, self._vectors)
+        decision = decide_round(components, self._vectors, self.layouts,
                                 self.reputation, server_round, rng,
                                 trusted_fraction=d.trusted_fraction, rejected_fraction=d.rejected_fraction,
                                 pass_early=d.pass_early, pass_late=d.pass_late, late_round=d.late_round,
@@ -148,7 +134,7 @@ class TrustScoring(Strategy):
         self.last_report = self._report(decision, rejected, partition, strength)
         kept_nodes = {node_of[p] for p in decision.aggregated}
         kept = [r for r in replies if r.metadata.src_node_id in kept_nodes]
-        clipped = clip_to_median(kept, stacked, decision.aggregated, node_of, self._vectors) if d.clip_to_median else 0
+        clipped = clip_to_median(kept, components, decision, node_of, self._vectors) if d.clip_to_median else 0
         arrays, _ = self.inner.aggregate_train(server_round, kept) if kept else (None, None)
         if arrays is not None and self.finetune is not None:
             arrays = self._finetuned(arrays, server_round)

@@ -53,6 +53,11 @@ def test_sign_agreement_matches_a_hand_computation():
     assert trust.sign_agreement(deltas, reference)[0] == pytest.approx(1 / 6)
 
 
+def readings(updates, layouts):
+    rng = np.random.default_rng(0)
+    return {name: trust.read_component(name, u, layouts[name], rng) for name, u in updates.items()}
+
+
 def lora_layout(out=12, inp=10, r=3):
     return layout(**{"l__lora_A__w": (r, inp), "l__lora_B__w": (out, r)})
 
@@ -129,11 +134,76 @@ def test_lora_indicators_see_delta_w_not_the_factors():
     assert np.linalg.norm(rows[0]) != pytest.approx(np.linalg.norm(rows[1]), rel=1e-2)
 
 
+def test_picked_lora_indicators_are_exact_when_nothing_is_left_out():
+    lay = lora_layout()
+    pair = trust.lora_pairs(lay)[0]
+    sent = RNG.standard_normal(lay.size).astype(np.float32)
+    deltas = RNG.standard_normal((3, lay.size)).astype(np.float32)
+    picks = trust.lora_picks(lay, np.random.default_rng(1), count=12)  # 12 >= out and in: everything
+    norms, concentration = trust.lora_indicators(deltas[:, picks[0].columns()], sent, lay, picks)
+    exact = trust.lora_delta_spectra(deltas, sent, pair)
+    np.testing.assert_allclose(norms, np.sqrt(exact.sum(axis=1)), rtol=1e-5)
+    np.testing.assert_allclose(concentration, exact[:, 0] / exact.sum(axis=1), rtol=1e-3)
+
+
+def test_picked_lora_indicators_estimate_the_whole_from_a_sample_of_rows():
+    # LORA_SAMPLE of 768 rows of B and columns of A: ||ΔW|| within 10% on every draw and unbiased
+    # over draws. The top direction's share reads high on a flat spectrum (a 16 x 16 Gram from 128
+    # rows spreads its eigenvalues: the same for every client of the round, whose cohort judges it),
+    # and exact on a rank-one update; the order of the clients holds.
+    lay = lora_layout(out=768, inp=768, r=8)
+    pair = trust.lora_pairs(lay)[0]
+    rng = np.random.default_rng(2)
+    sent = (0.05 * rng.standard_normal(lay.size)).astype(np.float32)
+    deltas = (0.01 * rng.standard_normal((4, lay.size))).astype(np.float32)
+    deltas[1, pair.b] *= np.tile(np.linspace(0.2, 3, 8, dtype=np.float32), 768)  # unequal columns of dB
+    deltas[2, pair.a] = 0.0  # only B moved
+    deltas[3] = 0.0  # a rank-one ΔW = u vᵀ A0
+    deltas[3, pair.b] = 0.01 * np.outer(rng.standard_normal(768), rng.standard_normal(8)).ravel()
+    norms, concentration = trust.lora_indicators(deltas, sent, lay)  # whole rows: exact
+    exact = trust.lora_delta_spectra(deltas, sent, pair)
+    np.testing.assert_allclose(norms, np.sqrt(exact.sum(axis=1)), rtol=1e-4)
+    np.testing.assert_allclose(concentration, exact[:, 0] / exact.sum(axis=1), rtol=1e-2)
+    assert concentration[3] > 0.99
+    estimates = []
+    for seed in range(8):
+        picks = trust.lora_picks(lay, np.random.default_rng(seed))
+        assert len(picks[0].b_rows) == len(picks[0].a_cols) == trust.LORA_SAMPLE
+        est_norms, est_concentration = trust.lora_indicators(deltas[:, picks[0].columns()], sent, lay, picks)
+        np.testing.assert_allclose(est_norms, norms, rtol=0.1)
+        assert list(np.argsort(est_concentration)) == list(np.argsort(concentration))
+        assert est_concentration[3] > 0.99 and np.all(est_concentration[:3] < 2 * concentration[:3])
+        estimates.append(est_norms)
+    np.testing.assert_allclose(np.mean(estimates, axis=0), norms, rtol=0.03)
+
+
+def test_reading_received_vectors_equals_reading_their_stack():
+    # The defence reads trained - sent straight from the reply buffers; what it reads must be what
+    # the stacked updates give, norms exact (a float32 overflow redone in float64).
+    lay = lora_layout(out=40, inp=30, r=4)
+    sent = RNG.standard_normal(lay.size).astype(np.float32)
+    deltas = RNG.standard_normal((5, lay.size)).astype(np.float32)
+    deltas[3, :2] = 3e38  # the row's squared norm overflows float32
+    trained = [sent + d for d in deltas]
+    received = trust.ComponentUpdates(list(range(5)), trained, sent)
+    stacked = trust.ComponentUpdates(list(range(5)), np.stack([t - sent for t in trained]))
+    a = trust.read_component("encoder.x", received, lay, np.random.default_rng(4))
+    b = trust.read_component("encoder.x", stacked, lay, np.random.default_rng(4))
+    assert np.isfinite(a.norms).all() and a.norms[3] > 3e38
+    np.testing.assert_allclose(a.norms, b.norms, rtol=1e-6)
+    for field in ("sample", "probe", "lora"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.lora.shape == (5, sum(len(p.columns()) for p in a.picks)) and a.lora.shape[1] > 0
+    for x, y in zip(a.layers, b.layers):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_head_jump_sees_one_class_row_pushed():
     lay = layout(**{"head__bias": (4,), "head__weight": (4, 8)})
     deltas = np.full((2, lay.size), 0.1, np.float32)
     deltas[1, 4 + 2 * 8 : 4 + 3 * 8] = 1.0  # row of class 2
-    jumps = trust.head_jump(deltas, lay)
+    sl, shape = trust.head_weight(lay)
+    jumps = trust.head_jump(deltas[:, sl], shape)
     assert jumps[0] == pytest.approx(0.0, abs=1e-6) and jumps[1] > 2
 
 
@@ -142,7 +212,7 @@ def test_embedding_rows_see_one_token_row_moving_alone():
     deltas = np.full((2, lay.size), 0.01, np.float32)
     deltas[1] = 0.0
     deltas[1, 40:44] = 1.0
-    shares = trust.embedding_rows(deltas, lay)
+    shares = trust.embedding_rows(trust.ComponentUpdates([0, 1], deltas), [0, 1], lay)
     assert shares[0] == pytest.approx(0.1) and shares[1] == pytest.approx(1.0)
     assert trust.component_kind("encoder.text", lay) == "embedding"
 
@@ -205,7 +275,7 @@ SENT = {"fusion.shared": np.ones(64, np.float32)}
 ])
 def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
     updates = _updates()
-    rows = updates["fusion.shared"].deltas
+    rows = updates["fusion.shared"].rows
     rows[3] = spoil(rows[3])
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert list(bad) == [3] and bad[3].startswith(reason) and bad[3].split(":")[0] in trust.SCREEN_REASONS
@@ -213,7 +283,7 @@ def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
 
 def test_exact_copies_are_screened_out_together():
     updates = _updates()
-    rows = updates["fusion.shared"].deltas
+    rows = updates["fusion.shared"].rows
     rows[5] = rows[2]
     bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
     assert sorted(bad) == [2, 5] and {r.split(":")[0] for r in bad.values()} <= set(trust.SCREEN_REASONS)
@@ -247,7 +317,7 @@ def test_a_round_leaves_out_scaled_updates_and_reputation_drops_a_persistent_att
     rep = trust.Reputation()
     for server_round in range(1, 8):
         updates = _updates()
-        updates["fusion.shared"].deltas[:2] *= 8  # clients 0 and 1
+        updates["fusion.shared"].rows[:2] *= 8  # clients 0 and 1
         decision = trust.decide_round(updates, sent, LAYOUTS, rep, server_round, np.random.default_rng(server_round),
                                       warmup_rounds=3)
         assert 0 not in decision.aggregated and 1 not in decision.aggregated
@@ -299,7 +369,7 @@ def test_a_layer_with_too_few_trusted_holders_judges_nobody():
     deltas = (RNG.standard_normal((4, 64)) * 0.01).astype(np.float32)
     updates = {"fusion.shared": trust.ComponentUpdates([0, 1, 2, 3], deltas)}
     category = {0: "trusted", 1: "trusted", 2: "suspicious", 3: "suspicious"}
-    shares = trust._inspect(updates, LAYOUTS, category, np.random.default_rng(0))
+    shares = trust._inspect(updates, readings(updates, LAYOUTS), category, np.random.default_rng(0))
     assert shares == {2: None, 3: None}
 
 
@@ -405,8 +475,8 @@ def test_stage_two_weighs_sampled_anchors_for_every_trusted_client():
     deltas = rng.standard_normal((160, 128)).astype(np.float32)
     deltas *= (norms / np.linalg.norm(deltas, axis=1))[:, None].astype(np.float32)
     category = {c: trust.TRUSTED if c < 100 else trust.SUSPICIOUS for c in range(160)}
-    shares = trust._inspect({"c": trust.ComponentUpdates(list(range(160)), deltas)}, {"c": lay}, category,
-                            np.random.default_rng(0))
+    updates = {"c": trust.ComponentUpdates(list(range(160)), deltas)}
+    shares = trust._inspect(updates, readings(updates, {"c": lay}), category, np.random.default_rng(0))
     assert all(shares[c] == 0 for c in range(110, 160))  # every attacker fails every layer's gate
     assert np.mean([shares[c] for c in range(100, 110)]) > 0.5  # honest suspects mostly pass
 
@@ -463,7 +533,7 @@ def test_clients_the_behaviour_check_catches_take_no_part_in_the_statistics():
     for _ in range(2):
         rep.participate(1, earned=0, caught=True)
     updates = _updates()
-    updates["fusion.shared"].deltas[0] *= 3  # caught by behaviour this round, a confident-looking update
+    updates["fusion.shared"].rows[0] *= 3  # caught by behaviour this round, a confident-looking update
     decision = trust.decide_round(updates, sent, LAYOUTS, rep, 1, np.random.default_rng(0),
                                   behaviour=lambda clients: {0: "behaviour: planted"}, strikes=2)
     assert decision.dropped[0] == "behaviour: planted" and decision.dropped[1].startswith("reputation: caught")

@@ -156,7 +156,7 @@ def test_clip_to_median_scales_the_kept_updates_above_the_median_norm():
     import numpy as np
     from flwr.app import Metadata
 
-    from fedmm.robustness.trust import ComponentUpdates
+    from fedmm.robustness.trust import ComponentUpdates, RoundDecision
     from strategies.trust_scoring import clip_to_median
 
     sent = {"c": np.ones(4, np.float32)}
@@ -167,9 +167,11 @@ def test_clip_to_median_scales_the_kept_updates_above_the_median_norm():
         metadata = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m",
                             group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
         replies.append(Message(metadata=metadata, content=content))
-    stacked = {"c": ComponentUpdates([0, 1, 2, 3], np.stack(deltas))}
+    trained = [sent["c"] + d for d in deltas]
+    components = {"c": ComponentUpdates([0, 1, 2, 3], trained, sent["c"])}
+    decision = RoundDecision([1, 2, 3], {}, {}, {}, {}, {}, norms={"c": np.linalg.norm(np.stack(deltas), axis=1)})
     kept = replies[1:]  # client 0 was dropped: the median is over the kept clients 1-3 (norm of 3.0)
-    assert clip_to_median(kept, stacked, [1, 2, 3], {p: p + 1 for p in range(4)}, sent) == 1
+    assert clip_to_median(kept, components, decision, {p: p + 1 for p in range(4)}, sent) == 1
     received = [r.content[protocol.ARRAYS]["c"].numpy() - sent["c"] for r in replies]
     np.testing.assert_allclose(received[3], deltas[2])  # 10 -> 3
     for i in range(3):
@@ -188,25 +190,20 @@ def test_a_large_cohort_is_sampled_by_the_behaviour_check_and_kept_updates_clipp
         assert record["train.trust.clipped"] >= 1  # some kept update is above the kept median
 
 
-def test_stacking_reuses_its_buffer_and_grows_it_for_more_holders():
+def test_the_defence_reads_updates_from_the_reply_buffers_without_a_copy():
     import numpy as np
 
     from fedmm.core.protocol import ClientUpdate
-    from strategies.trust_scoring import stack_deltas
+    from strategies.trust_scoring import reply_updates
 
-    sent = {"c": np.zeros(3, np.float32)}
-
-    def updates(n):
-        return {p: ClientUpdate(p + 1, {"c": np.full(3, p, np.float32)}, 1, {"c": 1.0}) for p in range(n)}
-
-    buffers: dict = {}
-    first = stack_deltas(updates(3), sent, buffers)["c"].deltas
-    again = stack_deltas(updates(2), sent, buffers)["c"].deltas
-    assert np.shares_memory(first, again) and again.shape == (2, 3)
-    np.testing.assert_array_equal(again, stack_deltas(updates(2), sent)["c"].deltas)
-    grown = stack_deltas(updates(4), sent, buffers)["c"].deltas
-    assert grown.shape == (4, 3) and not np.shares_memory(grown, first)
-    np.testing.assert_array_equal(grown[:, 0], [0, 1, 2, 3])
+    sent = {"c": np.ones(3, np.float32), "d": np.zeros(2, np.float32)}
+    updates = {p: ClientUpdate(p + 1, {"c": np.full(3, p, np.float32)}, 1, {"c": 1.0}) for p in (2, 0, 1)}
+    updates[1].arrays["d"] = np.ones(2, np.float32)
+    components = reply_updates(updates, sent)
+    assert components["c"].client_ids == [0, 1, 2] and components["d"].client_ids == [1]
+    for i, p in enumerate([0, 1, 2]):
+        assert np.shares_memory(components["c"].rows[i], updates[p].arrays["c"])
+        np.testing.assert_array_equal(components["c"].delta(i), np.full(3, p - 1.0))
 
 
 def test_root_finetune_moves_the_aggregate_by_the_servers_root_update(tmp_path):

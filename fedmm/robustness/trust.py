@@ -1,8 +1,10 @@
-"""Two-stage robust aggregation with trust scores: the maths, as plain functions over stacked updates.
+"""Two-stage robust aggregation with trust scores: the maths, as plain functions over the updates.
 
 Stage 1 scores every client's update of one component with indicators chosen by the component's kind
-(LoRA factors, task heads, dense layers), each computed for all holders at once on the (N, P) matrix
-of updates Δ = trained - sent. Indicators are judged against the round's cohort (robust z-scores),
+(LoRA factors, task heads, dense layers), each computed for all holders at once. The updates
+Δ = trained - sent are read once, straight from the received buffers (no (N, P) copy): each one's
+exact norm and a fresh random sample of its coordinates, which the indicators and stage 2 read.
+Indicators are judged against the round's cohort (robust z-scores),
 not against fixed constants, so they carry over between models and learning rates. Stage 2 inspects
 suspicious clients layer by layer against the trusted ones. Reputation accumulates across rounds.
 
@@ -124,31 +126,23 @@ def row_norms(deltas: np.ndarray) -> np.ndarray:
     return norms
 
 
-def _pair_grams(d: np.ndarray, fixed: np.ndarray, transpose: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(dᵀd, fixedᵀd) per client for B-side factors (n, out, r), or (d dᵀ, d fixedᵀ) for A-side
-    factors (n, r, in) when `transpose`: the r x r blocks the Grams are built from."""
-    if transpose:
-        return d @ d.transpose(0, 2, 1), d @ fixed.T
-    return d.transpose(0, 2, 1) @ d, fixed.T @ d
+def factor_grams(d_b: np.ndarray, b0: np.ndarray, d_a: np.ndarray, a0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G_u, G_v), each (N, 2r, 2r) float64: the Grams whose product G_u G_v has the nonzero
+    eigenvalues of ΔWᵀΔW, where ΔW = B'A' - BA (new minus sent) is built from each client's factor
+    updates d_b (N, out, r), d_a (N, r, in) and the sent factors b0 (out, r), a0 (r, in).
 
+    ΔW = dB A' + B dA = U V with U = [dB, B] (out x 2r) and V = [A'; dA] (2r x in), G_u = UᵀU and
+    G_v = V Vᵀ: the large terms of B'A' - BA do not cancel, so float32 Grams hold. Cost 2r
+    multiply-adds per factor value; no out x in matrix, no loop over clients.
 
-def lora_delta_spectra(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> np.ndarray:
-    """(N, 2r) squared singular values of each client's ΔW = B'A' - BA (new minus sent), descending.
-
-    ΔW = dB A' + B dA = U V with U = [dB, B] (out x 2r) and V = [A'; dA] (2r x in): the large terms
-    of B'A' - BA do not cancel, so float32 Grams hold (relative error about GRAM_RIDGE); only an
-    update that mostly re-parametrises the factors (B' = B S, A' = S⁻¹ A) cancels between its two
-    terms and reads a few percent off. ΔWᵀΔW shares its nonzero eigenvalues with
-    Lᵀ G_v L, where G_u = UᵀU = L Lᵀ and G_v = V Vᵀ are 2r x 2r, batched over the clients. Cost
-    2r multiply-adds per factor value; no out x in matrix, no loop over clients.
+    Given a sample of B's rows and of A's columns instead (the same for every client), the Grams are
+    sums over the sample: scaled by out / rows and in / columns they estimate the whole ones.
     """
-    n, r = len(deltas), pair.a_shape[0]
-    a0 = sent[pair.a].reshape(pair.a_shape)
-    b0 = sent[pair.b].reshape(pair.b_shape)
-    d_b = deltas[:, pair.b].reshape(n, *pair.b_shape)
-    d_a = deltas[:, pair.a].reshape(n, *pair.a_shape)
-    bb, b0b = (x.astype(np.float64) for x in _pair_grams(d_b, b0, transpose=False))
-    aa, a0a = (x.astype(np.float64) for x in _pair_grams(d_a, a0, transpose=True))  # dA dAᵀ, dA A0ᵀ
+    n, r = len(d_b), d_b.shape[2]
+    bb = (d_b.transpose(0, 2, 1) @ d_b).astype(np.float64)  # dBᵀ dB
+    b0b = (b0.T @ d_b).astype(np.float64)  # B0ᵀ dB
+    aa = (d_a @ d_a.transpose(0, 2, 1)).astype(np.float64)  # dA dAᵀ
+    a0a = (d_a @ a0.T).astype(np.float64)  # dA A0ᵀ
     g_u = np.empty((n, 2 * r, 2 * r))
     g_u[:, :r, :r], g_u[:, r:, :r] = bb, b0b
     g_u[:, :r, r:], g_u[:, r:, r:] = b0b.transpose(0, 2, 1), (b0.T.astype(np.float64) @ b0)
@@ -158,7 +152,83 @@ def lora_delta_spectra(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> 
     g_v[:, :r, r:] = cross + aa  # A' dAᵀ
     g_v[:, r:, :r] = g_v[:, :r, r:].transpose(0, 2, 1)
     g_v[:, r:, r:] = aa
+    return g_u, g_v
+
+
+def factor_spectra(d_b: np.ndarray, b0: np.ndarray, d_a: np.ndarray, a0: np.ndarray) -> np.ndarray:
+    """(N, 2r) squared singular values of each client's ΔW, descending (see factor_grams): the
+    eigenvalues of Lᵀ G_v L with L Lᵀ = G_u, batched over the clients. Only an update that mostly
+    re-parametrises the factors (B' = B S, A' = S⁻¹ A) cancels between ΔW's two terms and reads a
+    few percent off."""
+    g_u, g_v = factor_grams(d_b, b0, d_a, a0)
     return np.maximum(np.linalg.eigvalsh(_congruence(g_u, g_v))[:, ::-1], 0.0)
+
+
+SQUARINGS = 6  # power steps 2^6 = 64
+
+
+def energy_and_top(g_u: np.ndarray, g_v: np.ndarray, squarings: int = SQUARINGS) -> tuple[np.ndarray, np.ndarray]:
+    """(||ΔW||²_F, its largest squared singular value) per client from the Grams, with no
+    eigensolve (24,000 batched 16 x 16 eigensolves cost more than reading the updates): the energy
+    is tr(G_u G_v); the top value is the Rayleigh quotient of M = G_u G_v (self-adjoint in the G_v
+    inner product) at the top column of M^(2^squarings). Where the top two values lie within a
+    few percent of each other, it reads between them."""
+    energy = np.maximum(np.einsum("nij,nji->n", g_u, g_v), 0.0)
+    power = g_u @ g_v
+    for _ in range(squarings):
+        power = power @ power
+        power /= np.maximum(np.abs(power).max(axis=(1, 2), keepdims=True), 1e-300)
+    # M^(2^k) is close to rank one: its largest column lies along the top eigenvector.
+    column = np.square(power).sum(axis=1).argmax(axis=1)
+    x = np.take_along_axis(power, column[:, None, None], axis=2)  # (N, 2r, 1)
+    z = g_v @ x
+    top = (z.transpose(0, 2, 1) @ g_u @ z)[:, 0, 0] / np.maximum((x.transpose(0, 2, 1) @ z)[:, 0, 0], 1e-300)
+    return energy, np.clip(top, 0.0, energy)
+
+
+def lora_delta_spectra(deltas: np.ndarray, sent: np.ndarray, pair: LoraPair) -> np.ndarray:
+    """(N, 2r) exact squared singular values of each client's ΔW, from whole component rows (N, P)."""
+    n = len(deltas)
+    return factor_spectra(deltas[:, pair.b].reshape(n, *pair.b_shape), sent[pair.b].reshape(pair.b_shape),
+                          deltas[:, pair.a].reshape(n, *pair.a_shape), sent[pair.a].reshape(pair.a_shape))
+
+
+LORA_SAMPLE = 128  # rows of each B factor and columns of each A factor the LoRA indicators read
+
+
+@dataclass(frozen=True)
+class LoraPick:
+    """The factor values of one LoRA pair that the sampled spectra read: rows of B, columns of A."""
+
+    pair: LoraPair
+    b_rows: np.ndarray
+    a_cols: np.ndarray
+
+    def columns(self) -> np.ndarray:
+        """Their indices in the component vector: B's picked rows (row-major), then A's picked columns."""
+        r, width = self.pair.a_shape
+        b = self.pair.b.start + (self.b_rows[:, None] * r + np.arange(r)).ravel()
+        a = self.pair.a.start + (np.arange(r)[:, None] * width + self.a_cols).ravel()
+        return np.concatenate([b, a])
+
+    def grams(self, part: np.ndarray, sent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Estimated Grams (factor_grams) from `part` (N, len(columns())): exact when nothing was
+        left out."""
+        (out, r), (_, width) = self.pair.b_shape, self.pair.a_shape
+        rows, cols = len(self.b_rows), len(self.a_cols)
+        n = len(part)
+        b0 = sent[self.pair.b].reshape(out, r)[self.b_rows]
+        a0 = sent[self.pair.a].reshape(r, width)[:, self.a_cols]
+        g_u, g_v = factor_grams(part[:, : rows * r].reshape(n, rows, r), b0, part[:, rows * r :].reshape(n, r, cols), a0)
+        return g_u * (out / rows), g_v * (width / cols)
+
+
+def lora_picks(layout: ComponentLayout, rng: np.random.Generator, count: int = LORA_SAMPLE) -> list[LoraPick]:
+    """A fresh random pick of `count` B rows and `count` A columns per LoRA pair (all where fewer)."""
+    def draw(size: int) -> np.ndarray:
+        return np.arange(size) if size <= count else np.sort(rng.choice(size, count, replace=False))
+
+    return [LoraPick(p, draw(p.b_shape[0]), draw(p.a_shape[1])) for p in lora_pairs(layout)]
 
 
 # Relative ridge on G_u's diagonal: above float32 rounding of the Grams, so the Cholesky is defined
@@ -182,43 +252,140 @@ def _congruence(g_u: np.ndarray, g_v: np.ndarray) -> np.ndarray:
     return low.transpose(0, 2, 1) @ g_v @ low
 
 
-def lora_indicators(deltas: np.ndarray, sent: np.ndarray, layout: ComponentLayout) -> tuple[np.ndarray, np.ndarray]:
+def lora_indicators(part: np.ndarray, sent: np.ndarray, layout: ComponentLayout,
+                    picks: Sequence[LoraPick] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(||ΔW||_F over the component's adapted layers, share of ΔW energy in each layer's top singular
-    direction averaged over layers) per client: a backdoor tends to live in one direction."""
-    pairs = lora_pairs(layout)
-    sq = np.zeros(deltas.shape[0])
-    concentration = np.zeros(deltas.shape[0])
-    for pair in pairs:
-        s = lora_delta_spectra(deltas, sent, pair)
-        total = s.sum(axis=1)
-        sq += total
-        concentration += s[:, 0] / np.maximum(total, _EPS) / len(pairs)
+    direction averaged over layers) per client: a backdoor tends to live in one direction.
+
+    `part` holds the component's whole rows (exact), or with `picks` the picked columns of each pair
+    one after the other (estimates from a sample of the factors' rows)."""
+    if picks is None:  # whole rows: each factor a view, no copy
+        n = len(part)
+        grams = (factor_grams(part[:, p.b].reshape(n, *p.b_shape), sent[p.b].reshape(p.b_shape),
+                              part[:, p.a].reshape(n, *p.a_shape), sent[p.a].reshape(p.a_shape))
+                 for p in lora_pairs(layout))
+        count = len(lora_pairs(layout))
+    else:
+        bounds = np.cumsum([0, *(len(pick.b_rows) * pick.pair.b_shape[1] + pick.pair.a_shape[0] * len(pick.a_cols)
+                                 for pick in picks)])
+        grams = (pick.grams(part[:, a:b], sent) for pick, a, b in zip(picks, bounds[:-1], bounds[1:]))
+        count = len(picks)
+    sq = np.zeros(len(part))
+    concentration = np.zeros(len(part))
+    for g_u, g_v in grams:
+        energy, top = energy_and_top(g_u, g_v)
+        sq += energy
+        concentration += top / np.maximum(energy, _EPS) / count
     return np.sqrt(sq), concentration
 
 
-def head_jump(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
-    """How far the most-changed class row of a head's weight stands above the mean row change,
-    relative to that mean; a push towards one (unknown) target class shows here."""
-    segments = tensor_slices(layout)
-    name = next(n for n, (_, s) in segments.items() if len(s) == 2)
-    sl, shape = segments[name]
-    rows = np.linalg.norm(deltas[:, sl].reshape(len(deltas), *shape), axis=2)
+def head_weight(layout: ComponentLayout) -> tuple[slice, tuple[int, ...]]:
+    """A task head's weight matrix (classes x features): its slice and shape."""
+    return next((sl, shape) for sl, shape in tensor_slices(layout).values() if len(shape) == 2)
+
+
+def head_jump(weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """How far the most-changed class row of a head's weight (updates `weight`, N x classes*features)
+    stands above the mean row change, relative to that mean; a push towards one (unknown) target
+    class shows here."""
+    rows = np.linalg.norm(weight.reshape(len(weight), *shape), axis=2)
     mean = rows.mean(axis=1)
     return (rows.max(axis=1) - mean) / np.maximum(mean, _EPS)
 
 
-def embedding_rows(deltas: np.ndarray, layout: ComponentLayout) -> np.ndarray:
+def embedding_rows(u: ComponentUpdates, rows: Sequence[int], layout: ComponentLayout) -> np.ndarray:
     """Share of the embedding update's row-norm mass in its top 0.1% rows (at least 10): a trigger
-    token's row moves alone."""
-    segments = tensor_slices(layout)
-    shares = np.zeros(len(deltas))
-    for name, (sl, shape) in segments.items():
-        if "embeddings" in name and len(shape) == 2:
-            rows = np.linalg.norm(deltas[:, sl].reshape(len(deltas), *shape), axis=2)
+    token's row moves alone. Reads each update whole, one client at a time."""
+    tables = [(sl, shape) for name, (sl, shape) in tensor_slices(layout).items() if "embeddings" in name and len(shape) == 2]
+    shares = np.zeros(len(rows))
+    for j, i in enumerate(rows):
+        delta = u.delta(i)
+        for sl, shape in tables:
+            norms = np.linalg.norm(delta[sl].reshape(shape), axis=1)
             k = min(shape[0], max(10, int(0.001 * shape[0])))
-            top = np.partition(rows, shape[0] - k, axis=1)[:, shape[0] - k :].sum(axis=1)
-            shares = np.maximum(shares, top / np.maximum(rows.sum(axis=1), _EPS))
+            top = np.partition(norms, shape[0] - k)[shape[0] - k :].sum()
+            shares[j] = max(shares[j], top / max(float(norms.sum()), _EPS))
     return shares
+
+
+# --- reading the updates --------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentUpdates:
+    """The updates of one component's holders, row i client_ids[i]'s: either `rows` are the updates
+    themselves ((N, P) array, `sent` None), or they are the trained vectors as received and each
+    update is row - sent, read where needed. No (N, P) copy is ever made of received vectors."""
+
+    client_ids: list[int]
+    rows: np.ndarray | Sequence[np.ndarray]
+    sent: np.ndarray | None = None
+
+    def delta(self, i: int) -> np.ndarray:
+        """Row i's whole update (a view of `rows` when they are the updates)."""
+        return self.rows[i] if self.sent is None else self.rows[i] - self.sent
+
+    def read(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over every update: (exact L2 norms (N,), the given columns (N, len(columns)))."""
+        if self.sent is None:
+            return row_norms(np.asarray(self.rows)), np.asarray(self.rows)[:, columns]
+        from scipy.linalg.blas import sdot
+
+        n = len(self.client_ids)
+        norms, part = np.empty(n), np.empty((n, len(columns)), dtype=np.float32)
+        scratch = np.empty(self.sent.shape, dtype=np.float32)
+        for i, row in enumerate(self.rows):  # each row passes through the cache once
+            np.subtract(row, self.sent, out=scratch)
+            norms[i] = sdot(scratch, scratch)
+            np.take(scratch, columns, out=part[i], mode="clip")  # columns are in range: no check
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.sqrt(norms)
+        for i in np.flatnonzero(~np.isfinite(norms)):  # float32 overflow (or a NaN): redo that row in float64
+            norms[i] = np.linalg.norm(self.delta(i).astype(np.float64))
+        return norms, part
+
+
+PROBE = 256  # coordinates the duplicate screen compares
+
+
+@dataclass
+class ComponentReading:
+    """What one pass over a component's updates gives the screen and stage 1: exact norms, the
+    sampled indicators' coordinates, the duplicate probe, the picked LoRA factor values and the
+    head's weight, rows in the updates' order."""
+
+    norms: np.ndarray
+    sample: np.ndarray
+    probe: np.ndarray
+    lora: np.ndarray  # (N, 0) unless the component is LoRA-adapted
+    picks: list[LoraPick]
+    head: np.ndarray  # (N, 0) unless the component is a task head
+    layers: list[np.ndarray]  # stage 2's sample of each layer (tensor), (N, <= LAYER_SAMPLE) each
+    layer_scales: list[float]  # each layer's size over its sample's
+
+    def take(self, rows: Sequence[int]) -> "ComponentReading":
+        rows = list(rows)
+        return ComponentReading(self.norms[rows], self.sample[rows], self.probe[rows], self.lora[rows],
+                                self.picks, self.head[rows], [x[rows] for x in self.layers], self.layer_scales)
+
+
+def read_component(name: str, u: ComponentUpdates, layout: ComponentLayout, rng: np.random.Generator) -> ComponentReading:
+    """Draw this round's coordinates of a component and read them, with the exact norms, in one pass
+    (stage 2's too: who it inspects is known only after stage 1, and a second pass over the
+    received buffers costs more than reading these for everyone while each row is in cache)."""
+    size = layout.size
+    kind = component_kind(name, layout)
+    picks = lora_picks(layout, rng) if kind == "lora" else []
+    head = np.arange(head_weight(layout)[0].start, head_weight(layout)[0].stop) if kind == "head" else np.arange(0)
+    layers = [sl.start + coordinate_sample(sl.stop - sl.start, rng, count=LAYER_SAMPLE, block=16)
+              for sl in layer_slices(layout)]
+    parts = [coordinate_sample(size, rng), coordinate_sample(size, rng, count=PROBE, block=1),
+             np.concatenate([p.columns() for p in picks]) if picks else np.arange(0), head, *layers]
+    norms, gathered = u.read(np.concatenate(parts).astype(np.intp))
+    bounds = np.cumsum([0, *map(len, parts)])
+    sample, probe, lora, head_part, *layer_parts = (gathered[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+    scales = [(sl.stop - sl.start) / len(picked) for sl, picked in zip(layer_slices(layout), layers)]
+    return ComponentReading(norms, sample, probe, lora, picks, head_part, layer_parts, scales)
 
 
 @dataclass
@@ -231,15 +398,16 @@ class ComponentTrust:
     trust: np.ndarray  # weighted mean of the scores
 
 
-def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray, sent: np.ndarray,
-                    client_ids: Sequence[int], norms: np.ndarray, sample: np.ndarray) -> ComponentTrust:
+def score_component(component: str, layout: ComponentLayout, reading: ComponentReading, sent: np.ndarray,
+                    client_ids: Sequence[int], u: ComponentUpdates | None = None,
+                    rows: Sequence[int] = ()) -> ComponentTrust:
     """Stage 1 for one component: indicators for every holder, judged against the cohort.
 
-    `deltas` (N, P) are the holders' updates, `norms` their exact L2 norms, `sample` the coordinates
-    the sampled indicators read.
+    `reading` holds the holders' exact norms and sampled coordinates; `u` and `rows` (the holders'
+    rows in it) are read again only for an embedding component's row shares.
     """
     kind = component_kind(component, layout)
-    part = deltas[:, sample]
+    part = reading.sample
     # Each sampled row divided by its largest magnitude: float32 cannot overflow on any finite update,
     # and direction, spikiness and sign agreement do not depend on a row's scale.
     peak = np.abs(part).max(axis=1).astype(np.float64)
@@ -253,15 +421,17 @@ def score_component(component: str, layout: ComponentLayout, deltas: np.ndarray,
                                   "sign": sign_agreement(unit, reference)}
     judged = {"direction": outlier_score(cosine, "low"), "spikiness": outlier_score(raw["spikiness"], "high"),
               "sign": outlier_score(raw["sign"], "low")}
-    update_norm = norms
+    update_norm = reading.norms
     if kind == "lora":
-        update_norm, raw["lora_concentration"] = lora_indicators(deltas, sent, layout)
+        update_norm, raw["lora_concentration"] = lora_indicators(reading.lora, sent, layout, reading.picks)
         judged["lora_concentration"] = outlier_score(raw["lora_concentration"], "high")
     elif kind == "head":
-        raw["head_jump"] = head_jump(deltas, layout)
+        raw["head_jump"] = head_jump(reading.head, head_weight(layout)[1])
         judged["head_jump"] = outlier_score(raw["head_jump"], "high")
     elif kind == "embedding":
-        raw["embedding_rows"] = embedding_rows(deltas, layout)
+        if u is None:
+            raise ValueError(f"{component}: an embedding component's row shares need its updates (u)")
+        raw["embedding_rows"] = embedding_rows(u, rows, layout)
         judged["embedding_rows"] = outlier_score(raw["embedding_rows"], "high")
     raw["norm"] = update_norm
     judged["norm"] = outlier_score(np.log(np.maximum(update_norm, _EPS)), "both")
@@ -536,14 +706,6 @@ class Reputation:
 
 
 @dataclass
-class ComponentUpdates:
-    """The updates (trained - sent) of one component's holders, stacked: row i is client_ids[i]'s."""
-
-    client_ids: list[int]
-    deltas: np.ndarray  # (N, P) float32
-
-
-@dataclass
 class RoundDecision:
     """What the defence decided about each client of a round, and why."""
 
@@ -554,6 +716,7 @@ class RoundDecision:
     dropped: dict[int, str]  # client -> reason it is not aggregated
     components: dict[str, ComponentTrust]
     consensus: dict[int, float] = field(default_factory=dict)  # mean direction over shared components
+    norms: dict[str, np.ndarray] = field(default_factory=dict)  # component -> exact update norms, rows as its updates
 
 
 # The first word of the input screen's reasons: updates no honest client sends (logged as warnings).
@@ -561,17 +724,21 @@ SCREEN_REASONS = ("non-finite", "zero-update", "absurd-norm", "duplicate", "near
 
 
 def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
-                   max_relative_norm: float, rng: np.random.Generator) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+                   max_relative_norm: float, rng: np.random.Generator,
+                   readings: Mapping[str, ComponentReading] | None = None,
+                   layouts: Mapping[str, ComponentLayout] | None = None) -> tuple[dict[int, str], dict[str, ComponentReading]]:
     """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
-    an absurd norm, an exact or near copy of another's update), and each component's exact update
-    norms, from one pass over the updates."""
+    an absurd norm, an exact or near copy of another's update), and each component's reading (exact
+    norms and this round's sampled coordinates, `read_component`; taken here unless given)."""
+    if readings is None:
+        readings = {c: read_component(c, u, (layouts or {}).get(c) or _flat_layout(u), rng)
+                    for c, u in sorted(components.items())}
     bad: dict[int, str] = {}
-    all_norms = {c: row_norms(u.deltas) for c, u in components.items()}
     moved: dict[int, bool] = {}
     for c, u in components.items():
-        totals = all_norms[c]
+        totals = readings[c].norms
         for i in np.flatnonzero(~np.isfinite(totals)):
-            if not np.isfinite(u.deltas[i]).all():
+            if not np.isfinite(u.delta(i)).all():
                 bad.setdefault(u.client_ids[i], "non-finite: NaN or Inf values")
         for client, norm in zip(u.client_ids, totals.tolist()):
             moved[client] = moved.get(client, False) or norm > 0
@@ -580,7 +747,7 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
             bad.setdefault(client, "zero-update: the update changes nothing")
     unscorable = set(bad)
     for c, u in components.items():
-        norms = all_norms[c]
+        norms = readings[c].norms
         ok = [i for i, client in enumerate(u.client_ids) if client not in bad]
         if not ok:
             continue
@@ -603,20 +770,25 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
         # component already caught: a colluder caught on its first component must still expose the
         # one that holds only this one.
         peers = [i for i, client in enumerate(u.client_ids) if client not in unscorable]
-        probe = coordinate_sample(u.deltas.shape[1], rng, count=256, block=1)
-        probed = u.deltas[np.ix_(peers, probe)]
+        probed = readings[c].probe[peers]
         seen: dict[bytes, int] = {}
         for j, i in enumerate(peers):
             key = norms[i].tobytes() + probed[j].tobytes()
             first = seen.setdefault(key, i)
-            if first != i and np.array_equal(u.deltas[first], u.deltas[i]):
+            if first != i and np.array_equal(u.delta(first), u.delta(i)):
                 a, b = u.client_ids[first], u.client_ids[i]
                 bad.setdefault(b, f"duplicate: {c} identical to client {a}'s")
                 bad.setdefault(a, f"duplicate: {c} identical to client {b}'s")
         for i, (j, closeness) in near_duplicates(probed).items():
             bad.setdefault(u.client_ids[peers[i]], f"near-duplicate: {c} at {closeness:.0%} of the cohort's typical "
                                                    f"distance from client {u.client_ids[peers[j]]}'s")
-    return bad, all_norms
+    return bad, dict(readings)
+
+
+def _flat_layout(u: ComponentUpdates) -> ComponentLayout:
+    """A one-tensor layout for a component known only by its updates (a dense kind)."""
+    size = len(u.delta(0)) if u.client_ids else 0
+    return ComponentLayout(("values",), ((size,),), (0,), size)
 
 
 # Honest clients train on their own data: no two updates are much closer to each other than the
@@ -633,11 +805,14 @@ def near_duplicates(sample: np.ndarray) -> dict[int, tuple[int, float]]:
     n = len(sample)
     if n < MIN_NEAR_DUPLICATE_HOLDERS:
         return {}
-    x = sample.astype(np.float64)
+    # float32 (rows scaled to a largest magnitude of 1): the cancellation in |x|² + |y|² - 2xy costs
+    # about 1e-3 of the larger norm, far under the NEAR_DUPLICATE share of a typical distance.
+    x = (sample / np.maximum(np.abs(sample).max(), _EPS)).astype(np.float32)
     sq = np.einsum("ij,ij->i", x, x)
-    distance = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    relative = distance / np.maximum(np.sqrt(np.maximum(sq[:, None], sq[None, :])), _EPS)
-    typical = float(np.median(relative[np.triu_indices(n, 1)]))
+    relative = np.maximum(sq[:, None] + sq[None, :] - 2 * (x @ x.T), 0.0)
+    relative /= np.maximum(np.maximum(sq[:, None], sq[None, :]), _EPS)
+    np.sqrt(relative, out=relative)
+    typical = float(np.median(relative[~np.eye(n, dtype=bool)]))  # every pair twice: the same median
     np.fill_diagonal(relative, np.inf)
     nearest = relative.argmin(axis=1)
     ratio = relative[np.arange(n), nearest] / max(typical, _EPS)
@@ -675,7 +850,9 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     the clients that pass the input screen and returns those it catches, with the reason; they are
     dropped, earn nothing, and a client caught `strikes` times in its recent window is held out until
     the catches age out."""
-    dropped, all_norms = screen_updates(components, sent, max_relative_norm, rng)
+    # One pass over every update: exact norms and this round's sampled coordinates (fresh each round).
+    readings = {name: read_component(name, u, layouts[name], rng) for name, u in sorted(components.items())}
+    dropped, _ = screen_updates(components, sent, max_relative_norm, rng, readings)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
     behaviour = dict(behaviour(clients)) if behaviour is not None and clients else {}
     # A client the behaviour check catches, or holds out for its strikes, is decided: it takes no
@@ -695,18 +872,16 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
         rows = _rows(u, set(clients))
         if not rows:
             continue
-        deltas = u.deltas[rows] if len(rows) < len(u.client_ids) else u.deltas
-        norms = all_norms[name][rows]
+        reading = readings[name].take(rows) if len(rows) < len(u.client_ids) else readings[name]
         holders = [u.client_ids[i] for i in rows]
-        result = score_component(name, layouts[name], deltas, sent[name], holders, norms,
-                                 coordinate_sample(deltas.shape[1], rng))
+        result = score_component(name, layouts[name], reading, sent[name], holders, u, rows)
         scored[name] = result
         for c, t in zip(holders, result.trust):
             per_client[c].append(float(t))
     consensus = client_consensus(scored)
     trust = client_trust(per_client, consensus, consensus_weight)
     category = split_by_rank(trust, trusted_fraction, rejected_fraction) if trust else {}
-    inspection = _inspect(components, layouts, category, rng)
+    inspection = _inspect(components, readings, category, rng)
     need = pass_early if server_round <= late_round else pass_late
     # A suspect no layer could judge (too few trusted clients hold its tensors) is given the benefit
     # of the doubt: stage 1 did not put it at the bottom.
@@ -737,11 +912,12 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
         reputation.participate(c, earned=int(c in honest))
     for c in held:  # caught now: judged, and earns nothing; held for earlier catches: not judged
         reputation.participate(c, earned=0 if c in behaviour else None, caught=c in behaviour)
-    return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus)
+    return RoundDecision(candidates, category, trust, inspection, dropped, scored, consensus,
+                         {name: r.norms for name, r in readings.items()})
 
 
-def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, ComponentLayout], category: Mapping[int, str],
-             rng: np.random.Generator) -> dict[int, float]:
+def _inspect(components: Mapping[str, ComponentUpdates], readings: Mapping[str, ComponentReading],
+             category: Mapping[int, str], rng: np.random.Generator) -> dict[int, float]:
     """Stage 2: each suspicious client's share of layers judged honest, over the layers it holds that
     at least MIN_ANCHORS trusted clients also hold (None when there is no such layer)."""
     suspects = [c for c, cat in category.items() if cat == SUSPICIOUS]
@@ -763,11 +939,10 @@ def _inspect(components: Mapping[str, ComponentUpdates], layouts: Mapping[str, C
         keep = np.concatenate([anchors, np.flatnonzero(suspicious)])
         trusted, suspicious = trusted[keep], suspicious[keep]
         suspect_ids = [c for c, s in zip([holders[i] for i in keep], suspicious) if s]
-        for sl in layer_slices(layouts[name]):
-            size = sl.stop - sl.start
-            picked = sl.start + coordinate_sample(size, rng, count=LAYER_SAMPLE, block=16)
-            verdict = inspect_layer(u.deltas[np.ix_([rows[i] for i in keep], picked)], trusted, suspicious,
-                                    scale=size / len(picked), anchor_weight=anchor_weight)
+        picked_rows = [rows[i] for i in keep]
+        reading = readings[name]
+        for layer, scale in zip(reading.layers, reading.layer_scales):
+            verdict = inspect_layer(layer[picked_rows], trusted, suspicious, scale=scale, anchor_weight=anchor_weight)
             for c, ok in zip(suspect_ids, verdict):
                 honest[c] += int(ok)
                 judged[c] += 1
