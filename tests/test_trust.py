@@ -277,7 +277,7 @@ def test_bad_updates_are_screened_out_with_their_reason(spoil, reason):
     updates = _updates()
     rows = updates["fusion.shared"].rows
     rows[3] = spoil(rows[3])
-    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
+    bad = trust.screen_updates(updates, SENT, 100.0, readings(updates, LAYOUTS))
     assert list(bad) == [3] and bad[3].startswith(reason) and bad[3].split(":")[0] in trust.SCREEN_REASONS
 
 
@@ -285,7 +285,7 @@ def test_exact_copies_are_screened_out_together():
     updates = _updates()
     rows = updates["fusion.shared"].rows
     rows[5] = rows[2]
-    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
+    bad = trust.screen_updates(updates, SENT, 100.0, readings(updates, LAYOUTS))
     assert sorted(bad) == [2, 5] and {r.split(":")[0] for r in bad.values()} <= set(trust.SCREEN_REASONS)
 
 
@@ -505,7 +505,7 @@ def test_the_screen_names_near_duplicates():
     deltas = rng.standard_normal((8, 64)).astype(np.float32)
     deltas[5] = deltas[4] + 0.01 * rng.standard_normal(64).astype(np.float32)
     updates = {"fusion.shared": trust.ComponentUpdates(list(range(8)), deltas)}
-    bad, _ = trust.screen_updates(updates, SENT, 100.0, np.random.default_rng(0))
+    bad = trust.screen_updates(updates, SENT, 100.0, readings(updates, LAYOUTS))
     assert set(bad) == {4, 5} and bad[4].startswith("near-duplicate: fusion.shared") and "client 5" in bad[4]
     assert {r.split(":")[0] for r in bad.values()} <= set(trust.SCREEN_REASONS)  # logged as warnings
 
@@ -521,7 +521,7 @@ def test_a_colluder_caught_on_one_component_still_exposes_its_partner_on_another
     updates = {"encoder.image": trust.ComponentUpdates(list(range(8)), image),
                "encoder.text": trust.ComponentUpdates([4, *range(8, 15)], text)}
     sent = {c: np.zeros(64, np.float32) for c in updates}
-    bad, _ = trust.screen_updates(updates, sent, 100.0, np.random.default_rng(0))
+    bad = trust.screen_updates(updates, sent, 100.0, readings(updates, dict.fromkeys(updates, layout(w=(64,)))))
     assert set(bad) == {4, 5, 8} and bad[8].startswith("near-duplicate: encoder.text") and "client 4" in bad[8]
 
 

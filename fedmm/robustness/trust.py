@@ -376,15 +376,18 @@ def read_component(name: str, u: ComponentUpdates, layout: ComponentLayout, rng:
     size = layout.size
     kind = component_kind(name, layout)
     picks = lora_picks(layout, rng) if kind == "lora" else []
-    head = np.arange(head_weight(layout)[0].start, head_weight(layout)[0].stop) if kind == "head" else np.arange(0)
-    layers = [sl.start + coordinate_sample(sl.stop - sl.start, rng, count=LAYER_SAMPLE, block=16)
-              for sl in layer_slices(layout)]
+    head = np.arange(0)
+    if kind == "head":
+        weight = head_weight(layout)[0]
+        head = np.arange(weight.start, weight.stop)
+    slices = layer_slices(layout)
+    layers = [sl.start + coordinate_sample(sl.stop - sl.start, rng, count=LAYER_SAMPLE, block=16) for sl in slices]
     parts = [coordinate_sample(size, rng), coordinate_sample(size, rng, count=PROBE, block=1),
              np.concatenate([p.columns() for p in picks]) if picks else np.arange(0), head, *layers]
     norms, gathered = u.read(np.concatenate(parts).astype(np.intp))
     bounds = np.cumsum([0, *map(len, parts)])
     sample, probe, lora, head_part, *layer_parts = (gathered[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
-    scales = [(sl.stop - sl.start) / len(picked) for sl, picked in zip(layer_slices(layout), layers)]
+    scales = [(sl.stop - sl.start) / len(picked) for sl, picked in zip(slices, layers)]
     return ComponentReading(norms, sample, probe, lora, picks, head_part, layer_parts, scales)
 
 
@@ -724,15 +727,10 @@ SCREEN_REASONS = ("non-finite", "zero-update", "absurd-norm", "duplicate", "near
 
 
 def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str, np.ndarray],
-                   max_relative_norm: float, rng: np.random.Generator,
-                   readings: Mapping[str, ComponentReading] | None = None,
-                   layouts: Mapping[str, ComponentLayout] | None = None) -> tuple[dict[int, str], dict[str, ComponentReading]]:
+                   max_relative_norm: float, readings: Mapping[str, ComponentReading]) -> dict[int, str]:
     """Clients whose updates cannot be scored, with the reason (non-finite values, no change at all,
-    an absurd norm, an exact or near copy of another's update), and each component's reading (exact
-    norms and this round's sampled coordinates, `read_component`; taken here unless given)."""
-    if readings is None:
-        readings = {c: read_component(c, u, (layouts or {}).get(c) or _flat_layout(u), rng)
-                    for c, u in sorted(components.items())}
+    an absurd norm, an exact or near copy of another's update), from each component's reading (its
+    exact norms and duplicate probe, `read_component`)."""
     bad: dict[int, str] = {}
     moved: dict[int, bool] = {}
     for c, u in components.items():
@@ -782,13 +780,7 @@ def screen_updates(components: Mapping[str, ComponentUpdates], sent: Mapping[str
         for i, (j, closeness) in near_duplicates(probed).items():
             bad.setdefault(u.client_ids[peers[i]], f"near-duplicate: {c} at {closeness:.0%} of the cohort's typical "
                                                    f"distance from client {u.client_ids[peers[j]]}'s")
-    return bad, dict(readings)
-
-
-def _flat_layout(u: ComponentUpdates) -> ComponentLayout:
-    """A one-tensor layout for a component known only by its updates (a dense kind)."""
-    size = len(u.delta(0)) if u.client_ids else 0
-    return ComponentLayout(("values",), ((size,),), (0,), size)
+    return bad
 
 
 # Honest clients train on their own data: no two updates are much closer to each other than the
@@ -852,7 +844,7 @@ def decide_round(components: Mapping[str, ComponentUpdates], sent: Mapping[str, 
     the catches age out."""
     # One pass over every update: exact norms and this round's sampled coordinates (fresh each round).
     readings = {name: read_component(name, u, layouts[name], rng) for name, u in sorted(components.items())}
-    dropped, _ = screen_updates(components, sent, max_relative_norm, rng, readings)
+    dropped = screen_updates(components, sent, max_relative_norm, readings)
     clients = sorted({c for u in components.values() for c in u.client_ids} - set(dropped))
     behaviour = dict(behaviour(clients)) if behaviour is not None and clients else {}
     # A client the behaviour check catches, or holds out for its strikes, is decided: it takes no
