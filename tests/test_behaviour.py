@@ -77,6 +77,54 @@ def test_the_check_leaves_the_model_as_it_was_sent(cohort):
     assert all(p.requires_grad for n, p in check.model.named_parameters() if "lora_" in n)
 
 
+@pytest.fixture(scope="module")
+def text_backdoor():
+    """A text-only client of the shipped base trained with a prefix-word backdoor in half its data, one
+    trained on the same data clean, the check, and the trigger word's token id."""
+    run = load_config(overrides=["clients.profiles.t=txt_color", "train.local_steps=60", "attack.name=backdoor",
+                                 "attack.fraction=0.5"])
+    bank = module_bank(run)
+    model, spec = bank.model(["txt_color"]), bank.specs["txt_color"]
+    start = component_vectors(model)
+
+    def encode(columns):
+        return encode_split(columns, spec.modalities, bank.tokenizer(), 0)
+
+    columns = columns_of(make_synthetic_task("txt_color", 1200, 11, run.model.image_size))
+    models = {}
+    for name, train in (("clean", columns),
+                        ("backdoor", poison_training_split(dict(columns), "backdoor", run.attack, spec.modalities,
+                                                           spec.num_classes, 5))):
+        load_component_vectors(model, start, list(start))
+        train_local(model, {"txt_color": encode(train)}, run.train, run.train.lr, seed=1, device=torch.device("cpu"))
+        models[name] = component_vectors(model)
+    load_component_vectors(model, start, list(start))
+    root = {"txt_color": encode(columns_of(make_synthetic_task("txt_color", 48, 99, run.model.image_size)))}
+    trigger = int(bank.tokenizer()([run.attack.trigger_token])["input_ids"][0, 1])
+    return behaviour.BehaviourCheck(model, root, examples=32), start, models, trigger
+
+
+@pytest.mark.slow
+def test_a_large_vocabulary_is_cut_to_a_gradient_shortlist_that_still_holds_the_trigger(text_backdoor, monkeypatch):
+    check, start, models, trigger = text_backdoor
+    data = check.root["txt_color"]
+    assert trigger in check.unseen.tolist() and len(check.unseen) > 64
+    every = {}
+    for name, arrays in models.items():
+        load_component_vectors(check.model, {**start, **arrays}, list(start))
+        every[name] = float(behaviour.search_prefix(check.model, "txt_color", data, check.unseen)[1].max())
+    assert every["backdoor"] >= 0.9 and every["clean"] < 0.5
+    load_component_vectors(check.model, {**start, **models["backdoor"]}, list(start))
+    shortlist = behaviour.prefix_shortlist(check.model, "txt_color", data, check.unseen, per_class=4)
+    assert trigger in shortlist.tolist() and len(shortlist) <= 16 and set(shortlist.tolist()) <= set(check.unseen.tolist())
+    # Past PREFIX_CANDIDATES the check tries only the shortlist, and finds what trying every token finds.
+    monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 16)
+    cut = check.strengths(start, models)
+    assert cut["backdoor"]["text"] == every["backdoor"] and cut["clean"]["text"] <= every["clean"]
+    caught = behaviour.behaviour_outliers({0: cut["clean"], 1: cut["clean"], 2: cut["backdoor"]}, margin=0.3)
+    assert set(caught) == {2}
+
+
 def test_a_vocabulary_the_clean_texts_use_in_full_leaves_nothing_to_search(cohort):
     check, start, models = cohort
     _, flips = behaviour.search_prefix(check.model, "txt_color", check.root["txt_color"],

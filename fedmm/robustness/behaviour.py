@@ -6,7 +6,8 @@ all of them to one class. The server searches each candidate model for such a un
 without knowing it (Neural-Cleanse-style): for images, a patch of `pixels` pixels (where and what
 colour, by gradient descent, for every class at once); for text, a token put in front of the text
 (every token the clean root texts never use is tried: a word the task itself uses is meaning, and
-honest models follow it). A model whose best trigger flips far more root inputs to one class than
+honest models follow it; of a vocabulary larger than PREFIX_CANDIDATES, the tokens a first-order
+estimate ranks best, HotFlip-style). A model whose best trigger flips far more root inputs to one class than
 the cohort's median model does carries a shortcut the others lack.
 
 Measured first (benchmarks/behaviour_scores.py, docs/benchmarks.md): AGSD's readings of per-input
@@ -30,6 +31,10 @@ from fedmm.training.local import TaskTensors
 
 PATCH_PIXELS = 16
 PATCH_STEPS = 20
+# Prefix tokens the text search tries exactly. A larger vocabulary (a pretrained tokenizer's 30,000
+# words; the hashing tokenizer's 8,192 ids) is first cut to this many by one gradient step: trying each
+# token costs a forward pass over the root set per token.
+PREFIX_CANDIDATES = 256
 
 
 @contextlib.contextmanager
@@ -167,6 +172,41 @@ def search_prefix(model: MultiModalModel, task: str, data: TaskTensors,
     return Trigger("text", torch.arange(k), tokens=candidates[best.indices]), best.values.numpy()
 
 
+def prefix_shortlist(model: MultiModalModel, task: str, data: TaskTensors, candidates: torch.Tensor,
+                     per_class: int) -> torch.Tensor:
+    """Of `candidates`, the `per_class` tokens per class that a first-order estimate says move the root
+    inputs to that class most, put in front of the text (HotFlip): one forward and backward pass with
+    the prefix position holding the candidates' mean embedding, each token scored by its embedding's
+    dot product with the loss gradient there. Sorted, without repeats."""
+    k, n = model.specs[task].num_classes, len(data)
+    embedding = model.encoders["text"].backbone.get_input_embeddings()
+    table = embedding.weight.detach()[candidates]
+    held: list[torch.Tensor] = []
+
+    def mean_prefix(module, args, output):
+        out = output.detach().clone()
+        out[:, 1] = table.mean(0)
+        held.append(out.requires_grad_(True))
+        return out
+
+    classes = torch.arange(k)
+    inputs = Trigger("text", classes, tokens=candidates[:1].repeat(k)).apply(data.inputs)
+    targets = classes.repeat_interleave(n)
+    movable = (data.labels.repeat(k) != targets).float()  # inputs already of a class say nothing of its trigger
+    handle = embedding.register_forward_hook(mean_prefix)
+    try:
+        model.eval()
+        with inputs_only(model), torch.enable_grad():
+            losses = nn.functional.cross_entropy(model(task, inputs), targets, reduction="none")
+            (losses * movable).sum().backward()
+    finally:
+        handle.remove()
+    gradient = held[0].grad[:, 1].reshape(k, n, -1).sum(1)  # (K, H): d loss / d prefix embedding, per class
+    estimate = table @ gradient.T  # (V, K): first-order loss change of each token as each class's trigger
+    picks = estimate.topk(min(per_class, len(candidates)), dim=0, largest=False).indices
+    return candidates[picks.flatten().unique()]
+
+
 def search_tasks(tasks: Sequence[str], specs: Mapping) -> dict[str, str]:
     """Per modality, the task of `tasks` the search reads it through: the one reading the fewest
     modalities, then with the fewest classes (the cheapest search, and the trigger seen alone)."""
@@ -187,7 +227,10 @@ def trigger_strength(model: MultiModalModel, tasks: Sequence[str], root: Mapping
         if modality == "image":
             flips = trigger_flips(model, task, data, search_patch(model, task, data))
         else:
-            flips = search_prefix(model, task, data, unseen)[1]
+            tried = unseen
+            if len(unseen) > PREFIX_CANDIDATES:
+                tried = prefix_shortlist(model, task, data, unseen, PREFIX_CANDIDATES // model.specs[task].num_classes)
+            flips = search_prefix(model, task, data, tried)[1]
         strength[modality] = float(flips.max())
     return strength
 
