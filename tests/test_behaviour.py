@@ -125,6 +125,22 @@ def test_a_large_vocabulary_is_cut_to_a_gradient_shortlist_that_still_holds_the_
     assert set(caught) == {2}
 
 
+def test_the_shortlist_falls_back_to_every_token_where_the_embeddings_get_no_gradient(monkeypatch):
+    run = load_config(overrides=["model.image_encoder=", "model.text_encoder=", "model.hidden_size=32",
+                                 "model.intermediate_size=64", "model.fusion_dim=16"])
+    bank = module_bank(run)
+    model, spec = bank.model(["txt_color"]), bank.specs["txt_color"]
+    data = encode_split(columns_of(make_synthetic_task("txt_color", 16, 3, run.model.image_size)), spec.modalities,
+                        bank.tokenizer(), 0)
+    candidates = torch.arange(3, 600)
+    picked = behaviour.prefix_shortlist(model, "txt_color", data, candidates, per_class=8)
+    assert 8 <= len(picked) <= 32 and set(picked.tolist()) <= set(candidates.tolist())
+    # an encoder whose forward pass reads another table than the one it names: nothing to rank by
+    monkeypatch.setattr(model.encoders["text"].backbone, "get_input_embeddings", lambda: torch.nn.Embedding(8192, 32))
+    assert torch.equal(behaviour.prefix_shortlist(model, "txt_color", data, candidates, per_class=8), candidates)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_a_vocabulary_the_clean_texts_use_in_full_leaves_nothing_to_search(cohort):
     check, start, models = cohort
     _, flips = behaviour.search_prefix(check.model, "txt_color", check.root["txt_color"],

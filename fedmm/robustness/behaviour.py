@@ -177,7 +177,8 @@ def prefix_shortlist(model: MultiModalModel, task: str, data: TaskTensors, candi
     """Of `candidates`, the `per_class` tokens per class that a first-order estimate says move the root
     inputs to that class most, put in front of the text (HotFlip): one forward and backward pass with
     the prefix position holding the candidates' mean embedding, each token scored by its embedding's
-    dot product with the loss gradient there. Sorted, without repeats."""
+    dot product with the loss gradient there. Sorted, without repeats; every candidate where the text
+    encoder's forward pass does not read the embedding table its `get_input_embeddings` names."""
     k, n = model.specs[task].num_classes, len(data)
     embedding = model.encoders["text"].backbone.get_input_embeddings()
     table = embedding.weight.detach()[candidates]
@@ -198,9 +199,12 @@ def prefix_shortlist(model: MultiModalModel, task: str, data: TaskTensors, candi
         model.eval()
         with inputs_only(model), torch.enable_grad():
             losses = nn.functional.cross_entropy(model(task, inputs), targets, reduction="none")
-            (losses * movable).sum().backward()
+            if held and losses.requires_grad:
+                (losses * movable).sum().backward()
     finally:
         handle.remove()
+    if not held or held[0].grad is None:
+        return candidates
     gradient = held[0].grad[:, 1].reshape(k, n, -1).sum(1)  # (K, H): d loss / d prefix embedding, per class
     estimate = table @ gradient.T  # (V, K): first-order loss change of each token as each class's trigger
     picks = estimate.topk(min(per_class, len(candidates)), dim=0, largest=False).indices
