@@ -30,9 +30,12 @@ BASES = {"shipped": [], "hashing": ["model.image_encoder=", "model.text_encoder=
                                    "model.intermediate_size=64", "model.fusion_dim=16"]}
 
 
-def measure(base: str, steps: int, per_class: int) -> dict:
+def text_clients(overrides: list[str], steps: int) -> tuple[behaviour.BehaviourCheck, dict, dict, int]:
+    """A `txt_color` client's model trained `steps` steps from the same start on clean data ("clean")
+    and with the prefix-word backdoor in half its data ("backdoor"): (the check on a root set of 32,
+    the start's component vectors, each model's, the trigger word's token id)."""
     run = load_config(overrides=["clients.profiles.t=txt_color", f"train.local_steps={steps}", "attack.name=backdoor",
-                                 "attack.fraction=0.5", *BASES[base]])
+                                 "attack.fraction=0.5", *overrides])
     bank = module_bank(run)
     model, spec = bank.model(["txt_color"]), bank.specs["txt_color"]
     start = component_vectors(model)
@@ -47,10 +50,16 @@ def measure(base: str, steps: int, per_class: int) -> dict:
         load_component_vectors(model, start, list(start))
         train_local(model, {"txt_color": encode(train)}, run.train, run.train.lr, seed=1, device=torch.device("cpu"))
         models[name] = component_vectors(model)
+    load_component_vectors(model, start, list(start))
     root = {"txt_color": encode(columns_of(make_synthetic_task("txt_color", 48, 99, run.model.image_size)))}
-    check = behaviour.BehaviourCheck(model, root, examples=32)
-    data, unseen = check.root["txt_color"], check.unseen
     trigger = int(bank.tokenizer()([run.attack.trigger_token])["input_ids"][0, 1])
+    return behaviour.BehaviourCheck(model, root, examples=32), start, models, trigger
+
+
+def measure(base: str, steps: int, per_class: int) -> dict:
+    check, start, models, trigger = text_clients(BASES[base], steps)
+    model, data, unseen = check.model, check.root["txt_color"], check.unseen
+    k = model.specs["txt_color"].num_classes
     out = {"base": base, "unused_tokens": len(unseen), "local_steps": steps, "models": {}}
     for name, arrays in models.items():
         load_component_vectors(model, {**start, **arrays}, list(start))
@@ -58,7 +67,7 @@ def measure(base: str, steps: int, per_class: int) -> dict:
         every = behaviour.search_prefix(model, "txt_color", data, unseen)[1]
         row = {"every_token": {"flip_rate_per_class": np.round(every, 3).tolist(),
                                "seconds": round(time.perf_counter() - started, 2)}}
-        for pc in sorted({per_class, behaviour.PREFIX_CANDIDATES // spec.num_classes}):
+        for pc in sorted({per_class, behaviour.PREFIX_CANDIDATES // k}):
             started = time.perf_counter()
             shortlist = behaviour.prefix_shortlist(model, "txt_color", data, unseen, pc)
             ranked = time.perf_counter() - started

@@ -14,6 +14,8 @@ from fedmm.core.components import ComponentLayout
 from fedmm.robustness.trust import ComponentUpdates, Reputation, decide_round
 from fedmm.training.local import encode_split, train_local
 
+from benchmarks.behaviour_shortlist import text_clients
+
 TASKS = ["img_shape", "txt_color"]
 
 
@@ -81,27 +83,7 @@ def test_the_check_leaves_the_model_as_it_was_sent(cohort):
 def text_backdoor():
     """A text-only client of the shipped base trained with a prefix-word backdoor in half its data, one
     trained on the same data clean, the check, and the trigger word's token id."""
-    run = load_config(overrides=["clients.profiles.t=txt_color", "train.local_steps=60", "attack.name=backdoor",
-                                 "attack.fraction=0.5"])
-    bank = module_bank(run)
-    model, spec = bank.model(["txt_color"]), bank.specs["txt_color"]
-    start = component_vectors(model)
-
-    def encode(columns):
-        return encode_split(columns, spec.modalities, bank.tokenizer(), 0)
-
-    columns = columns_of(make_synthetic_task("txt_color", 1200, 11, run.model.image_size))
-    models = {}
-    for name, train in (("clean", columns),
-                        ("backdoor", poison_training_split(dict(columns), "backdoor", run.attack, spec.modalities,
-                                                           spec.num_classes, 5))):
-        load_component_vectors(model, start, list(start))
-        train_local(model, {"txt_color": encode(train)}, run.train, run.train.lr, seed=1, device=torch.device("cpu"))
-        models[name] = component_vectors(model)
-    load_component_vectors(model, start, list(start))
-    root = {"txt_color": encode(columns_of(make_synthetic_task("txt_color", 48, 99, run.model.image_size)))}
-    trigger = int(bank.tokenizer()([run.attack.trigger_token])["input_ids"][0, 1])
-    return behaviour.BehaviourCheck(model, root, examples=32), start, models, trigger
+    return text_clients([], steps=60)
 
 
 @pytest.mark.slow
