@@ -105,6 +105,9 @@ def test_a_large_vocabulary_is_cut_to_a_gradient_shortlist_that_still_holds_the_
     assert cut["backdoor"]["text"] == every["backdoor"] and cut["clean"]["text"] <= every["clean"]
     caught = behaviour.behaviour_outliers({0: cut["clean"], 1: cut["clean"], 2: cut["backdoor"]}, margin=0.3)
     assert set(caught) == {2}
+    # A cap under the task's classes still tries one token per class (not none).
+    monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 2)
+    assert check.strengths(start, {"backdoor": models["backdoor"]})["backdoor"]["text"] == every["backdoor"]
 
 
 def test_the_shortlist_falls_back_to_every_token_where_the_embeddings_get_no_gradient(monkeypatch):

@@ -233,7 +233,8 @@ def trigger_strength(model: MultiModalModel, tasks: Sequence[str], root: Mapping
         else:
             tried = unseen
             if len(unseen) > PREFIX_CANDIDATES:
-                tried = prefix_shortlist(model, task, data, unseen, PREFIX_CANDIDATES // model.specs[task].num_classes)
+                per_class = max(1, PREFIX_CANDIDATES // model.specs[task].num_classes)  # a task of many classes: one each
+                tried = prefix_shortlist(model, task, data, unseen, per_class)
             flips = search_prefix(model, task, data, tried)[1]
         strength[modality] = float(flips.max())
     return strength
