@@ -91,23 +91,26 @@ def test_a_large_vocabulary_is_cut_to_a_gradient_shortlist_that_still_holds_the_
     check, start, models, trigger = text_backdoor
     data = check.root["txt_color"]
     assert trigger in check.unseen.tolist() and len(check.unseen) > 64
-    every = {}
-    for name, arrays in models.items():
-        load_component_vectors(check.model, {**start, **arrays}, list(start))
-        every[name] = float(behaviour.search_prefix(check.model, "txt_color", data, check.unseen)[1].max())
-    assert every["backdoor"] >= 0.9 and every["clean"] < 0.5
-    load_component_vectors(check.model, {**start, **models["backdoor"]}, list(start))
-    shortlist = behaviour.prefix_shortlist(check.model, "txt_color", data, check.unseen, per_class=4)
-    assert trigger in shortlist.tolist() and len(shortlist) <= 16 and set(shortlist.tolist()) <= set(check.unseen.tolist())
-    # Past PREFIX_CANDIDATES the check tries only the shortlist, and finds what trying every token finds.
-    monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 16)
-    cut = check.strengths(start, models)
-    assert cut["backdoor"]["text"] == every["backdoor"] and cut["clean"]["text"] <= every["clean"]
-    caught = behaviour.behaviour_outliers({0: cut["clean"], 1: cut["clean"], 2: cut["backdoor"]}, margin=0.3)
-    assert set(caught) == {2}
-    # A cap under the task's classes still tries one token per class (not none).
-    monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 2)
-    assert check.strengths(start, {"backdoor": models["backdoor"]})["backdoor"]["text"] == every["backdoor"]
+    try:  # the model is the process-wide bank's: whatever fails, it goes back to the start
+        every = {}
+        for name, arrays in models.items():
+            load_component_vectors(check.model, {**start, **arrays}, list(start))
+            every[name] = float(behaviour.search_prefix(check.model, "txt_color", data, check.unseen)[1].max())
+        assert every["backdoor"] >= 0.9 and every["clean"] < 0.5
+        load_component_vectors(check.model, {**start, **models["backdoor"]}, list(start))
+        shortlist = behaviour.prefix_shortlist(check.model, "txt_color", data, check.unseen, per_class=4)
+        assert trigger in shortlist.tolist() and len(shortlist) <= 16 and set(shortlist.tolist()) <= set(check.unseen.tolist())
+        # Past PREFIX_CANDIDATES the check tries only the shortlist, and finds what trying every token finds.
+        monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 16)
+        cut = check.strengths(start, models)
+        assert cut["backdoor"]["text"] == every["backdoor"] and cut["clean"]["text"] <= every["clean"]
+        caught = behaviour.behaviour_outliers({0: cut["clean"], 1: cut["clean"], 2: cut["backdoor"]}, margin=0.3)
+        assert set(caught) == {2}
+        # A cap under the task's classes still tries one token per class (not none).
+        monkeypatch.setattr(behaviour, "PREFIX_CANDIDATES", 2)
+        assert check.strengths(start, {"backdoor": models["backdoor"]})["backdoor"]["text"] == every["backdoor"]
+    finally:
+        load_component_vectors(check.model, start, list(start))
 
 
 def test_the_shortlist_falls_back_to_every_token_where_the_embeddings_get_no_gradient(monkeypatch):

@@ -25,10 +25,10 @@ def sim_run(tmp_path_factory):
     file = ray_cluster._cluster_file()
     saved = file.read_text() if file.is_file() else None
     file.parent.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        file.write_text(f"127.0.0.1:{s.getsockname()[1]}")  # closed once the socket is
     try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            file.write_text(f"127.0.0.1:{s.getsockname()[1]}")  # closed once the socket is
         proc = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(out), *SMALL],
                               capture_output=True, text=True, timeout=900)
     finally:
