@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -15,15 +14,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from ports import unused_port
+
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 SMALL = "data.examples_per_task=300 train.local_steps=5"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flower_processes_of(root: Path) -> list[str]:
@@ -79,11 +74,11 @@ def test_a_supernode_given_a_ca_file_that_is_no_certificate_says_so_before_flowe
 
 @pytest.mark.slow
 def test_a_supernode_whose_superlink_never_answers_says_so_and_stops(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{unused_port()}"  # nothing listens there
     start, log = time.monotonic(), tmp_path / "supernode.log"
     # A log file, not a pipe: the SuperNode's SuperExec child may hold its output open for a while.
     node = subprocess.Popen([str(DEPLOY / "supernode.sh"), "--superlink", address, "--partition-id", "0",
-                             "--no-model-worker", "--connect-timeout", "5", "--port", str(_free_port())],
+                             "--no-model-worker", "--connect-timeout", "5", "--port", str(unused_port())],
                             start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         returncode = node.wait(timeout=120)
@@ -149,7 +144,7 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
     creds = tmp_path / "creds"
     subprocess.run(["python", str(DEPLOY / "certs.py"), "--out", str(creds), "--supernodes", "1"], check=True,
                    capture_output=True)
-    port = _free_port()
+    port = unused_port()
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "home"))
     superlink = subprocess.Popen([str(DEPLOY / "superlink.sh"), "--creds", str(creds), "--auth", "--port", str(port),
                                   "--database", str(tmp_path / "state.db")], env=env, start_new_session=True,
@@ -159,7 +154,7 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
         # Its own process group and a log file: the node's SuperExec child may outlive it for a while.
         node = subprocess.Popen([str(DEPLOY / "supernode.sh"), "--superlink", f"127.0.0.1:{port}", "--partition-id",
                                  "0", "--creds", str(creds), "--key", str(creds / "supernode-0"), "--port",
-                                 str(_free_port())], env=env, start_new_session=True,
+                                 str(unused_port())], env=env, start_new_session=True,
                                 stdout=open(tmp_path / "supernode.log", "w"), stderr=subprocess.STDOUT)
         try:
             returncode = node.wait(timeout=180)
@@ -175,7 +170,7 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_costs_one_round_its_replies_then_drops_out(tmp_path):
-    port, out = _free_port(), tmp_path / "run"
+    port, out = unused_port(), tmp_path / "run"
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
@@ -192,7 +187,7 @@ def test_a_supernode_killed_mid_run_costs_one_round_its_replies_then_drops_out(t
     superlink = start("superlink", str(DEPLOY / "superlink.sh"), "--port", str(port))
     _wait_healthy(port, None)
     nodes = [start(f"supernode-{i}", str(DEPLOY / "supernode.sh"), "--superlink", f"127.0.0.1:{port}",
-                   "--partition-id", str(i), "--port", str(_free_port())) for i in range(3)]
+                   "--partition-id", str(i), "--port", str(unused_port())) for i in range(3)]
     config = f'out="{out}" rounds=3 clients.num=3 strategy.reply_timeout=60 {SMALL}'
     run = start("flwr-run", "flwr", "run", str(ROOT), "here", "--stream", "--run-config", config)
     try:

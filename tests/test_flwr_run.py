@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ports import unused_port
+
 ROOT = Path(__file__).parents[1]
 # A Flower strategy with an argument, behind client-side DP: the proximal term, the node's clipping mod,
 # the seeded DP noise and the privacy ledger all have to come out the same both ways.
@@ -23,17 +24,11 @@ CONFIG = {"clients.num": 3, "rounds": 2, "data.examples_per_task": 300, "train.l
           "dp.name": "client-fixed", "dp.clipping_norm": 5.0, "dp.noise_multiplier": 0.01}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory):
     """Our own SuperLink on a free port with its own FLWR_HOME, stopped after the tests."""
     home = tmp_path_factory.mktemp("flwr-home")
-    port = _free_port()
+    port = unused_port()
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0")
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n')
@@ -74,7 +69,7 @@ def flwr_run(superlink, tmp_path_factory):
     file = _cluster_file()
     saved = file.read_text() if file.is_file() else None
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(f"127.0.0.1:{_free_port()}")
+    file.write_text(f"127.0.0.1:{unused_port()}")
     try:
         return out, _flwr_run(superlink, _run_config(out))["run-id"]
     finally:

@@ -1,7 +1,6 @@
 """End to end: `fedmm simulate` on Flower's Simulation Engine with real Ray."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import fedmm.engine.ray_cluster as ray_cluster
+
+from ports import unused_port
 
 # The shipped base, IID, 3 rounds of 20 steps: 6 clients learn every task in about a minute (measured
 # with this seed: 0.261 -> 0.994, 0.261 -> 1.000, 0.067 -> 0.422 for img_shape / txt_color / vqa).
@@ -26,9 +27,7 @@ def sim_run(tmp_path_factory):
     saved = file.read_text() if file.is_file() else None
     file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            file.write_text(f"127.0.0.1:{s.getsockname()[1]}")  # closed once the socket is
+        file.write_text(f"127.0.0.1:{unused_port()}")
         proc = subprocess.run([sys.executable, "-m", "fedmm.cli", "simulate", "--out", str(out), *SMALL],
                               capture_output=True, text=True, timeout=900)
     finally:
